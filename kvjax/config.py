@@ -1,0 +1,278 @@
+"""Configuration: frozen dataclasses are the single source of every shape.
+
+A config is YAML with the sections `model`, `data`, `train` and `mesh`, plus `key=value`
+overrides (`model.num_layers=4`, `train.steps=30`). Every key is checked against the
+dataclass fields, every value against the field's type, and every dataclass checks its own
+invariants in `__post_init__`, so a bad config fails at load time with one `ConfigError`
+that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config key or value that is not allowed; the message says which and why."""
+
+
+def _require(cond: bool, key: str, allowed: str) -> None:
+  if not cond:
+    raise ConfigError(f"{key}: {allowed}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+  _require(value in choices, key, f"got {value!r}, allowed: {', '.join(choices)}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+
+  kind: str = "llama"
+  vocab_size: int = 264
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  head_dim: int = 0  # 0: d_model // num_heads
+  mlp_dim: int = 1024
+  max_seq_len: int = 512
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"  # activations
+  param_dtype: str = "float32"
+  cache_dtype: str = "float32"
+  attention_impl: str = "auto"  # auto | xla | pallas
+
+  def __post_init__(self):
+    _choice(self.kind, "model.kind", ("llama",))
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "mlp_dim", "max_seq_len"):
+      _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
+    _require(self.head_dim >= 0, "model.head_dim", "must be >= 0 (0 means d_model // num_heads)")
+    if self.head_dim == 0:
+      _require(self.d_model % self.num_heads == 0, "model.num_heads",
+               f"must divide model.d_model={self.d_model} (or set model.head_dim), "
+               f"got {self.num_heads}")
+    _require(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+             f"must divide model.num_heads={self.num_heads}, got {self.num_kv_heads}")
+    _require(self.head_dim_ % 2 == 0, "model.head_dim", f"must be even for RoPE, got {self.head_dim_}")
+    _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+    _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
+    _require(self.init_std > 0, "model.init_std", "must be > 0")
+    for name in ("dtype", "param_dtype", "cache_dtype"):
+      _choice(getattr(self, name), f"model.{name}", DTYPES)
+    _choice(self.attention_impl, "model.attention_impl", ("auto", "xla", "pallas"))
+
+  @property
+  def head_dim_(self) -> int:
+    """The head dimension, resolved."""
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def num_kv_layers(self) -> int:
+    """Layers that own a K/V cache buffer."""
+    return self.num_layers
+
+  def kv_bytes_per_token(self) -> int:
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cache_dtype]
+    return 2 * self.num_kv_heads * self.head_dim_ * self.num_kv_layers * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it becomes token ids."""
+
+  source: str = "shakespeare"  # shakespeare | a path to a text file or a directory of them
+  tokenizer: str = "byte"  # byte | gpt2
+  seq_len: int = 256
+  val_fraction: float = 0.05
+  seed: int = 0
+  worker_count: int = 0
+
+  def __post_init__(self):
+    _require(bool(self.source), "data.source", "'shakespeare' or a path to text files")
+    _choice(self.tokenizer, "data.tokenizer", ("byte", "gpt2"))
+    _require(self.seq_len > 0, "data.seq_len", "must be > 0")
+    _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    _require(self.worker_count >= 0, "data.worker_count", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, evaluation, checkpointing and logging cadence."""
+
+  steps: int = 2000
+  batch_size: int = 32
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 100
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  eval_every: int = 250
+  eval_batches: int = 8
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  log_every: int = 25
+  sample_tokens: int = 200
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints", "log_every"):
+      _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+    for name in ("warmup_steps", "sample_tokens"):
+      _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+    _require(self.lr > 0, "train.lr", "must be > 0")
+    _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1/b2", "must be in [0, 1)")
+    _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape; -1 fills in the remaining devices (at most one axis)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    shape = (self.data, self.fsdp, self.tensor)
+    _require(all(s == -1 or s > 0 for s in shape), "mesh", f"axis sizes must be > 0 or -1, got {shape}")
+    _require(shape.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def __post_init__(self):
+    from kvjax.data.tokenizers import tokenizer_vocab_size  # noqa: PLC0415 (avoids a cycle)
+
+    need = tokenizer_vocab_size(self.data.tokenizer)
+    _require(self.model.vocab_size >= need, "model.vocab_size",
+             f"must be >= {need} for data.tokenizer={self.data.tokenizer!r}, "
+             f"got {self.model.vocab_size}")
+    _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+             f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks.
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+  """Returns `value` coerced to `tp`, or raises ConfigError naming `key`."""
+  origin = typing.get_origin(tp)
+  if dataclasses.is_dataclass(tp):
+    _require(isinstance(value, dict), key, f"must be a mapping of {tp.__name__} fields, got {value!r}")
+    return from_dict(tp, value, prefix=key)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None:
+      _require(type(None) in args, key, "must not be null")
+      return None
+    errors = []
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _check_value(value, arg, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0])
+  if origin in (tuple, list):
+    _require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+    (elem, *rest) = typing.get_args(tp) or (Any,)
+    return tuple(_check_value(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+  if tp is Any:
+    return value
+  if tp is bool:
+    _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+    return value
+  if tp is int:
+    _require(isinstance(value, int) and not isinstance(value, bool), key,
+             f"must be an integer, got {value!r}")
+    return value
+  if tp is float:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+             f"must be a number, got {value!r}")
+    _require(math.isfinite(value), key, f"must be finite, got {value!r}")
+    return float(value)
+  if tp is str:
+    _require(isinstance(value, str), key, f"must be a string, got {value!r}")
+    return value
+  raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+  """Builds dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls) if f.init}
+  where = f"{prefix}." if prefix else ""
+  for name in values:
+    _require(name in fields, f"{where}{name}",
+             f"unknown key; allowed: {', '.join(sorted(fields))}")
+  kwargs = {name: _check_value(v, hints[name], f"{where}{name}") for name, v in values.items()}
+  return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+  *parents, leaf = dotted.split(".")
+  node = tree
+  for i, part in enumerate(parents):
+    child = node.setdefault(part, {})
+    _require(isinstance(child, dict), ".".join(parents[: i + 1]), "is a value, not a section")
+    node = child
+  node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """`'model.num_layers=4'` -> `('model.num_layers', 4)`; values are parsed as YAML scalars."""
+  key, sep, raw = text.partition("=")
+  _require(bool(sep) and bool(key.strip()), text, "overrides look like section.key=value")
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+  return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config (or the defaults, if `path` is None) and applies overrides."""
+  tree: dict[str, Any] = {}
+  if path is not None:
+    path = Path(path)
+    _require(path.is_file(), "--config", f"no such file: {path}")
+    try:
+      tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _require(isinstance(tree, dict), str(path), "must be a mapping of sections")
+  for text in overrides:
+    key, value = parse_override(text)
+    _set_path(tree, key, value)
+  return from_dict(Config, tree)

@@ -1,0 +1,88 @@
+"""Dense KV cache: one `[B, S, K, D]` buffer pair per layer that owns K/V.
+
+Slot s holds the token at position s, so the causal mask is just `slot <= query position`.
+Prompts of different lengths are right-padded: a pad token's slot is overwritten by the
+first generated token of that sequence before any query can see it.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from kvjax.config import ModelConfig
+from kvjax.layers.attention import causal_mask, dot_product_attention
+
+
+def resolve_impl(impl: str) -> str:
+  """`auto` means the Pallas kernels on GPU/TPU and the jnp reference elsewhere."""
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return impl
+
+
+def tree_nbytes(tree) -> int:
+  """Bytes held by every array (or ShapeDtypeStruct) leaf of a pytree."""
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _write_rows(buf_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  def one(buf, new, start):
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
+  return jax.vmap(one)(buf_BxSxKxD, new_BxTxKxD, start_B)
+
+
+@flax.struct.dataclass
+class DenseLayerCache:
+  k: jax.Array  # B x S x K x D, rotated keys
+  v: jax.Array  # B x S x K x D
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    return tree_nbytes(self)
+
+  def write(self, k_BxTxKxD, v_BxTxKxD, positions_BxT) -> DenseLayerCache:
+    """Stores a chunk of consecutive positions per sequence (prefill or one decode step)."""
+    start_B = positions_BxT[:, 0]
+    return DenseLayerCache(k=_write_rows(self.k, k_BxTxKxD, start_B),
+                           v=_write_rows(self.v, v_BxTxKxD, start_B))
+
+  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto") -> jax.Array:
+    if q_BxTxHxD.shape[1] == 1 and resolve_impl(impl) == "pallas":
+      from kvjax.pallas_kernels.shared_kv_decode import shared_kv_decode  # noqa: PLC0415
+      out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], self.k, self.v, positions_BxT[:, 0] + 1)
+      return out_BxHxD[:, None]
+    b = q_BxTxHxD.shape[0]
+    slots_BxS = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (b, self.max_len))
+    return dot_product_attention(q_BxTxHxD, self.k, self.v, causal_mask(positions_BxT, slots_BxS))
+
+
+@flax.struct.dataclass
+class KVCache:
+  """The model's cache: one layer cache per layer that owns K/V."""
+
+  layers: tuple
+
+  @property
+  def nbytes(self) -> int:
+    return sum(layer.nbytes for layer in self.layers)
+
+  @property
+  def max_len(self) -> int:
+    return self.layers[0].max_len
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+  """A zeroed dense cache for `batch` sequences of up to `max_len` positions."""
+  if max_len > cfg.max_seq_len:
+    raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim_)
+  dtype = jnp.dtype(cfg.cache_dtype)
+  return KVCache(layers=tuple(
+      DenseLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+      for _ in range(cfg.num_kv_layers)))

@@ -1,0 +1,99 @@
+"""Multi-head attention with grouped K/V heads (MHA, GQA and MQA are `num_kv_heads` choices).
+
+The layer is cache-agnostic: a cache layout object supplies `write(k, v, positions)` and
+`attend(q, positions)`, so each method's layout (dense, ring buffers, compacted survivors)
+brings its own storage and masking while the projections stay here.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.config import ModelConfig
+from kvjax.layers.rope import apply_rope
+
+NEG_INF = -1e30
+
+
+def causal_mask(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
+  """Query at position p sees keys at positions <= p."""
+  return k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
+
+
+def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                          mask_BxTxS: jax.Array) -> jax.Array:
+  """Softmax attention where each K/V head serves H/K query heads; float32 logits.
+
+  Rows whose mask is all False return zeros rather than NaN.
+  """
+  b, t, h, d = q_BxTxHxD.shape
+  k = k_BxSxKxD.shape[2]
+  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                      preferred_element_type=jnp.float32) * (d ** -0.5)
+  mask_Bx1x1xTxS = mask_BxTxS[:, None, None, :, :]
+  logits = jnp.where(mask_Bx1x1xTxS, logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(mask_Bx1x1xTxS, probs, 0.0).astype(v_BxSxKxD.dtype)
+  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
+  return out_BxTxKxGxD.reshape(b, t, h, d)
+
+
+def _proj(cfg: ModelConfig, features: tuple[int, ...], axes: tuple[str, ...], name: str,
+          in_axis: int = -1) -> nn.DenseGeneral:
+  init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+  return nn.DenseGeneral(features, axis=in_axis, use_bias=False, kernel_init=init,
+                         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                         name=name)
+
+
+class KVProjection(nn.Module):
+  """Projects a layer's input to rotated keys and values (what a cache stores)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    shape = (cfg.num_kv_heads, cfg.head_dim_)
+    k_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "k")(x_BxTxD)
+    v_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "v")(x_BxTxD)
+    k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, cfg.rope_theta)
+    return k_BxTxKxD, v_BxTxKxD
+
+
+class Attention(nn.Module):
+  """Self-attention; `owns_kv=False` makes a layer that reads K/V produced elsewhere."""
+
+  cfg: ModelConfig
+  owns_kv: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, *, kv=None, cache=None):
+    """Returns `(out_BxTxD, kv, cache)`.
+
+    kv: `(k_BxTxKxD, v_BxTxKxD)` from a producer layer (used when `owns_kv` is False and
+      there is no cache).
+    cache: a layer cache (`write`/`attend`); when given, this layer's K/V are written to it
+      (if it owns them) and attention reads the whole cache.
+    """
+    cfg = self.cfg
+    q_BxTxHxD = _proj(cfg, (cfg.num_heads, cfg.head_dim_), ("embed", "q_heads", "head_dim"),
+                      "q")(x_BxTxD)
+    q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, cfg.rope_theta)
+    q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "q_heads", "head_dim"))
+    if self.owns_kv:
+      kv = KVProjection(cfg, name="kv")(x_BxTxD, positions_BxT)
+    if cache is not None:
+      if self.owns_kv:
+        cache = cache.write(*kv, positions_BxT)
+      out_BxTxHxD = cache.attend(q_BxTxHxD, positions_BxT, impl=cfg.attention_impl)
+    else:
+      k_BxTxKxD, v_BxTxKxD = kv
+      mask_BxTxT = causal_mask(positions_BxT, positions_BxT)
+      out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT)
+    out_BxTxD = _proj(cfg, (x_BxTxD.shape[-1],), ("q_heads", "head_dim", "embed"), "o",
+                      in_axis=(-2, -1))(out_BxTxHxD)
+    return out_BxTxD, kv, cache

@@ -1,0 +1,12 @@
+"""Model registry: `build_model(cfg.model)` returns the flax Module for `cfg.kind`."""
+
+import flax.linen as nn
+
+from kvjax.config import ModelConfig
+from kvjax.models.llama import Transformer
+
+_MODELS = {"llama": Transformer}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+  return _MODELS[cfg.kind](cfg)

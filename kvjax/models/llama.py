@@ -1,0 +1,87 @@
+"""Llama-style decoder: pre-norm blocks of attention and SwiGLU, tied or untied embeddings."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.config import ModelConfig
+from kvjax.layers.attention import Attention
+from kvjax.layers.mlp import SwiGLU
+from kvjax.layers.norms import RMSNorm
+
+
+class DecoderBlock(nn.Module):
+  cfg: ModelConfig
+  owns_kv: bool = True
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, *, kv=None, cache=None):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                                name=name)
+    h_BxTxD, kv, cache = Attention(cfg, self.owns_kv, name="attn")(
+        norm("attn_norm")(x_BxTxD), positions_BxT, kv=kv, cache=cache)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    x_BxTxD = x_BxTxD + SwiGLU(cfg.mlp_dim, cfg.init_std, jnp.dtype(cfg.dtype),
+                               jnp.dtype(cfg.param_dtype), name="mlp")(norm("mlp_norm")(x_BxTxD))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    return x_BxTxD, kv, cache
+
+
+class Embedder(nn.Module):
+  """Token embedding, and the LM head (the same table when embeddings are tied)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed"))
+    self.table = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
+                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    if not cfg.tie_embeddings:
+      head_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                               ("embed", "vocab"))
+      self.head = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=head_init,
+                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def encode(self, tokens_BxT):
+    return self.table(tokens_BxT)
+
+  def decode(self, x_BxTxD):
+    if self.cfg.tie_embeddings:
+      return self.table.attend(x_BxTxD)
+    return self.head(x_BxTxD)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM.
+
+  `apply(params, tokens)` returns logits; `apply(params, tokens, positions=, cache=)` returns
+  `(logits, cache)` for prefill and decode steps. Logits are float32.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
+    cfg = self.cfg
+    b, t = tokens_BxT.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embedder = Embedder(cfg, name="embed")
+    x_BxTxD = embedder.encode(tokens_BxT)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    new_layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache.layers[i]
+      x_BxTxD, _, layer_cache = DecoderBlock(cfg, name=f"layer_{i}")(
+          x_BxTxD, positions, cache=layer_cache)
+      new_layers.append(layer_cache)
+    x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                      name="final_norm")(x_BxTxD)
+    logits_BxTxV = embedder.decode(x_BxTxD).astype(jnp.float32)
+    if cache is None:
+      return logits_BxTxV
+    return logits_BxTxV, cache.replace(layers=tuple(new_layers))
