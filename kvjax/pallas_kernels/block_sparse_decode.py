@@ -1,0 +1,58 @@
+"""Decode attention where each (sequence, KV head) reads only its own list of K/V blocks.
+
+Layout (the contract with the caches that use it):
+- `k`, `v`: `[B, N, D]`, one flat row buffer per sequence that the KV heads share by
+  disjoint row ranges, or `[B, N, K, D]`, a dense per-head cache read sparsely.
+- `block_tables[b, h, j]`: index of the j-th block (rows `[t*block_size, (t+1)*block_size)`
+  for entry t) of KV head h in sequence b. `M`, the table width, is the largest count any head
+  may need; entries past a head's count are never read (any value will do).
+- `num_tokens[b, h]`: valid keys of that head, counted along the table order; only the first
+  `cdiv(num_tokens, block_size)` blocks are read, so time scales with the density.
+Query heads `h*G .. h*G+G-1` read KV head h. Softmax does not care about key order (RoPE is
+already in the keys), so a ring buffer needs no unrolling.
+
+The two caches this serves:
+- MoA: head h owns rows `[start_h, start_h + size_h)` of `[B, sum_h size_h, D]`, sizes in whole
+  blocks (64-token sinks, then a ring buffer). Table row: `start_h/block_size + arange(M)`
+  (`range_tables`), `num_tokens = min(tokens written, size_h)`.
+- Attention-Gate: a layer's compacted survivors `[B, K, L, D]`, viewed as `[B, K*L, D]`. Table
+  row: `h*L/block_size + arange(M)`, `num_tokens` = survivors kept for that head.
+On TPU the tables are scalar-prefetched into SMEM: keep `B*K*M` int32s well under its size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.pallas_kernels.blocked_decode import blocked_decode
+
+
+def range_tables(first_block_BxK: jax.Array, max_blocks: int) -> jax.Array:
+  """Tables for heads whose blocks are one contiguous run starting at `first_block`."""
+  return first_block_BxK[..., None] + jnp.arange(max_blocks, dtype=jnp.int32)
+
+
+def flat_rows(x: jax.Array) -> jax.Array:
+  """`[B, N, D]` or `[B, N, K, D]` -> the `[B, N, C*D]` view the kernels read (no copy)."""
+  return x if x.ndim == 3 else x.reshape(*x.shape[:2], -1)
+
+
+def block_sparse_decode(q_BxHxD: jax.Array, k: jax.Array, v: jax.Array,
+                        block_tables_BxKxM: jax.Array, num_tokens_BxK: jax.Array, *,
+                        block_size: int = 64, num_splits: int | None = None,
+                        backend: str | None = None, interpret: bool | None = None) -> jax.Array:
+  """One query per sequence over each KV head's listed blocks; returns `[B, H, D]`.
+
+  Keyword options as in `blocked_decode`.
+  """
+  if k.ndim not in (3, 4):
+    raise ValueError(f"k/v must be [B, N, D] or [B, N, K, D], got shape {k.shape}")
+  if block_tables_BxKxM.shape[:2] != num_tokens_BxK.shape:
+    raise ValueError(f"block_tables {block_tables_BxKxM.shape} and num_tokens "
+                     f"{num_tokens_BxK.shape} must agree on [B, K]")
+  capacity = block_tables_BxKxM.shape[2] * block_size
+  return blocked_decode(q_BxHxD, flat_rows(k), flat_rows(v),
+                        jnp.minimum(num_tokens_BxK, capacity), block_tables_BxKxM,
+                        block_size=block_size, num_splits=num_splits, backend=backend,
+                        interpret=interpret)

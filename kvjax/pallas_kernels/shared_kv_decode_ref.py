@@ -1,0 +1,16 @@
+"""jnp reference for `shared_kv_decode`: masked dense attention over the whole cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.layers.attention import dot_product_attention
+
+
+def shared_kv_decode_ref(q_BxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                         lengths_B: jax.Array) -> jax.Array:
+  """Query b sees the cache slots `< lengths[b]`; returns `[B, H, D]`."""
+  slots_S = jnp.arange(k_BxSxKxD.shape[1], dtype=jnp.int32)
+  mask_Bx1xS = (slots_S[None, :] < lengths_B[:, None])[:, None, :]
+  return dot_product_attention(q_BxHxD[:, None], k_BxSxKxD, v_BxSxKxD, mask_Bx1xS)[:, 0]
