@@ -56,6 +56,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   cache_dtype: str = "float32"
   attention_impl: str = "auto"  # auto | xla | pallas
+  # Pretrained weights (see `kvjax.io`): "" for random init or a kvjax training checkpoint;
+  # otherwise a .gguf file, an HF directory (config.json + *.safetensors), or a named source.
+  weights: str = ""
 
   def __post_init__(self):
     _choice(self.kind, "model.kind", ("llama",))
