@@ -1,0 +1,137 @@
+"""Generate text from a kvjax model, or measure its decode throughput.
+
+  python decode.py --config configs/tiny.yaml --checkpoint runs/tiny --prompt "ROMEO:"
+  python decode.py --config configs/tiny.yaml --batch 32 --prompt-len 128 --gen-len 512 --json out.json
+  python decode.py --config configs/a.yaml --config configs/b.yaml ...   # side by side, with ratios
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.decode import SamplingConfig, generate, init_cache
+from kvjax.decode.throughput import measure
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+COMPARED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ms_per_step", "kv_cache_bytes",
+            "kv_bytes_per_token")
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", action="append", help=f"YAML config; repeat to compare (default {DEFAULT_CONFIG})")
+  p.add_argument("--checkpoint", action="append", help="training workdir (one, or one per --config)")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--prompt-len", type=int, default=128)
+  p.add_argument("--gen-len", type=int, default=128)
+  p.add_argument("--prompt", help="generate text from this prompt instead of a throughput test")
+  p.add_argument("--temperature", type=float, default=0.8)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=0.95)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write the results here as JSON")
+  add_config_args(p)
+  return p.parse_intermixed_args(argv)
+
+
+def check_args(args, cfgs) -> None:
+  for name in ("batch", "prompt_len", "gen_len"):
+    if getattr(args, name) < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if not args.prompt and args.gen_len < 2:
+    raise UsageError(f"--gen-len must be >= 2 for a throughput test, got {args.gen_len}")
+  checkpoints = args.checkpoint or []
+  if len(checkpoints) not in (0, 1, len(cfgs)) or (len(checkpoints) == 1 and len(cfgs) > 1):
+    raise UsageError(f"give no --checkpoint, or one per --config ({len(cfgs)}), got {len(checkpoints)}")
+  for path in checkpoints:
+    if not Path(path).is_dir():
+      raise UsageError(f"--checkpoint {path}: no such directory")
+  if args.prompt is None:
+    for path, cfg in zip(args.config, cfgs):
+      need = args.prompt_len + args.gen_len
+      if need > cfg.model.max_seq_len:
+        raise UsageError(f"--prompt-len + --gen-len = {need} exceeds model.max_seq_len="
+                         f"{cfg.model.max_seq_len} of {path}")
+  try:
+    SamplingConfig(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
+def load_params(cfg, checkpoint: str | None):
+  """Trained params from a workdir, pretrained weights from `model.weights`, or random ones."""
+  model = kvjax.build_model(cfg.model)
+  if checkpoint:
+    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
+    return model, restore_params(checkpoint, cfg)
+  if getattr(cfg.model, "weights", ""):
+    from kvjax.io import load_weights  # noqa: PLC0415
+    return model, load_weights(cfg.model)
+  print("note: no --checkpoint or model.weights; using random weights", file=sys.stderr)
+  return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def generate_text(cfg, model, params, args) -> dict:
+  from kvjax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+  tok = get_tokenizer(cfg.data.tokenizer)
+  ids = tok.encode(args.prompt)
+  if len(ids) + args.gen_len > cfg.model.max_seq_len:
+    raise UsageError(f"prompt ({len(ids)} tokens) + --gen-len {args.gen_len} exceeds "
+                     f"model.max_seq_len={cfg.model.max_seq_len}")
+  prompts = np.tile(ids[None], (args.batch, 1))
+  out = generate(model, params, prompts, np.full(args.batch, len(ids)), max_new_tokens=args.gen_len,
+                 rng=jax.random.key(args.seed), cache=init_cache(cfg.model, args.batch, len(ids) + args.gen_len),
+                 sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
+                 eos_id=tok.eos_id, pad_id=tok.pad_id)
+  texts = [tok.decode(out.tokens[b, : int(out.lengths[b])]) for b in range(args.batch)]
+  for text in texts:
+    print(f"--- {args.prompt}{text}")
+  return {"prompt": args.prompt, "samples": texts}
+
+
+def summary_line(name: str, r: dict) -> str:
+  return (f"{name}: {r['method']} [{r['attention_impl']}] batch={r['batch']} prompt={r['prompt_len']} "
+          f"gen={r['gen_len']} | prefill {r['prefill_tokens_per_s']:,.0f} tok/s | decode "
+          f"{r['decode_tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.2f} ms/step | KV cache "
+          f"{r['kv_cache_bytes'] / 2**20:.2f} MiB ({r['kv_bytes_per_token']:,.0f} B/token)")
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  with usage_errors():
+    args.config = args.config or [DEFAULT_CONFIG]
+    cfgs = [kvjax.load_config(path, args.overrides) for path in args.config]
+    check_args(args, cfgs)
+    checkpoints = args.checkpoint or [None] * len(cfgs)
+    results = []
+    for path, cfg, ckpt in zip(args.config, cfgs, checkpoints):
+      model, params = load_params(cfg, ckpt)
+      if args.prompt is not None:
+        results.append({"config": path, **generate_text(cfg, model, params, args)})
+        continue
+      r = {"config": path, **measure(model, params, cfg.model, batch=args.batch,
+                                     prompt_len=args.prompt_len, gen_len=args.gen_len, seed=args.seed)}
+      print(summary_line(path, r))
+      results.append(r)
+  if args.prompt is None and len(results) > 1:
+    base = results[0]
+    for r in results[1:]:
+      ratios = {k: r[k] / base[k] for k in COMPARED}
+      r["ratios_vs_first"] = ratios
+      print(f"{r['config']} / {base['config']}: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results[0] if len(results) == 1 else {"runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+  main()
