@@ -36,6 +36,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
+class KVSharingConfig:
+  """Cross-layer K/V sharing; rules and resolution in `kvjax.layers.kv_sharing`."""
+
+  factor: int = 1  # CLA-s: groups of `factor` adjacent layers read their first layer's K/V
+  producer_of: tuple[int, ...] = ()  # explicit pattern, one entry per layer (instead of factor)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
 
@@ -59,6 +67,7 @@ class ModelConfig:
   # Pretrained weights (see `kvjax.io`): "" for random init or a kvjax training checkpoint;
   # otherwise a .gguf file, an HF directory (config.json + *.safetensors), or a named source.
   weights: str = ""
+  kv_sharing: KVSharingConfig = dataclasses.field(default_factory=KVSharingConfig)
 
   def __post_init__(self):
     _choice(self.kind, "model.kind", ("llama",))
@@ -79,6 +88,7 @@ class ModelConfig:
     for name in ("dtype", "param_dtype", "cache_dtype"):
       _choice(getattr(self, name), f"model.{name}", DTYPES)
     _choice(self.attention_impl, "model.attention_impl", ("auto", "xla", "pallas"))
+    self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
 
   @property
   def head_dim_(self) -> int:
@@ -86,9 +96,16 @@ class ModelConfig:
     return self.head_dim or self.d_model // self.num_heads
 
   @property
+  def producer_of(self) -> tuple[int, ...]:
+    """For every layer, the layer whose K/V it attends to (itself for a producer)."""
+    from kvjax.layers.kv_sharing import resolve_pattern  # noqa: PLC0415 (avoids a cycle)
+
+    return resolve_pattern(self.kv_sharing, self.num_layers)
+
+  @property
   def num_kv_layers(self) -> int:
     """Layers that own a K/V cache buffer."""
-    return self.num_layers
+    return len(set(self.producer_of))
 
   def kv_bytes_per_token(self) -> int:
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cache_dtype]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.config import ModelConfig
+from kvjax.layers import kv_sharing
 from kvjax.layers.attention import Attention
 from kvjax.layers.mlp import SwiGLU
 from kvjax.layers.norms import RMSNorm
@@ -73,15 +74,26 @@ class Transformer(nn.Module):
     embedder = Embedder(cfg, name="embed")
     x_BxTxD = embedder.encode(tokens_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    new_layers = []
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else cache.layers[i]
-      x_BxTxD, _, layer_cache = DecoderBlock(cfg, name=f"layer_{i}")(
-          x_BxTxD, positions, cache=layer_cache)
-      new_layers.append(layer_cache)
+    x_BxTxD, cache = self.layers(x_BxTxD, positions, cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                       name="final_norm")(x_BxTxD)
     logits_BxTxV = embedder.decode(x_BxTxD).astype(jnp.float32)
     if cache is None:
       return logits_BxTxV
-    return logits_BxTxV, cache.replace(layers=tuple(new_layers))
+    return logits_BxTxV, cache
+
+  def layers(self, x_BxTxD, positions_BxT, cache):
+    """Runs the blocks; a producer's K/V reach its consumers directly or through its buffer."""
+    cfg = self.cfg
+    producer_of = cfg.producer_of
+    buffer_of = kv_sharing.buffer_of(producer_of)
+    buffers = None if cache is None else list(cache.layers)
+    kv_of = {}
+    for i, p in enumerate(producer_of):
+      layer_cache = None if cache is None else buffers[buffer_of[i]]
+      x_BxTxD, kv, layer_cache = DecoderBlock(cfg, owns_kv=p == i, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, kv=kv_of.get(p), cache=layer_cache)
+      kv_of[i] = kv
+      if cache is not None:
+        buffers[buffer_of[i]] = layer_cache
+    return x_BxTxD, None if cache is None else cache.replace(layers=tuple(buffers))
