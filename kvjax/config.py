@@ -125,7 +125,9 @@ class DataConfig:
 
   def __post_init__(self):
     _require(bool(self.source), "data.source", "'shakespeare' or a path to text files")
-    _choice(self.tokenizer, "data.tokenizer", ("byte", "gpt2"))
+    from kvjax.data.tokenizers import tokenizer_names  # noqa: PLC0415 (avoids a cycle)
+
+    _choice(self.tokenizer, "data.tokenizer", tokenizer_names())
     _require(self.seq_len > 0, "data.seq_len", "must be > 0")
     _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     _require(self.worker_count >= 0, "data.worker_count", "must be >= 0")
@@ -150,11 +152,14 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   log_every: int = 25
-  sample_tokens: int = 200
+  sample_tokens: int = 200  # 0: no text samples at the end of training
+  num_samples: int = 3
+  sample_prompt: str = "ROMEO:"
+  sample_temperature: float = 0.8
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
-                 "keep_checkpoints", "log_every"):
+                 "keep_checkpoints", "log_every", "num_samples"):
       _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
     for name in ("warmup_steps", "sample_tokens"):
       _require(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
@@ -163,6 +168,7 @@ class TrainConfig:
     _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1/b2", "must be in [0, 1)")
     _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
+    _require(self.sample_temperature >= 0, "train.sample_temperature", "must be >= 0 (0: greedy)")
 
 
 @dataclasses.dataclass(frozen=True)

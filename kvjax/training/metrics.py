@@ -1,0 +1,92 @@
+"""Where training metrics go: TensorBoard scalars and `metrics.jsonl` in the workdir."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorboard.summary
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def flatten(metrics: dict) -> dict[str, float]:
+  """Scalars stay; a vector `v` becomes `name/0`, `name/1`, ... (e.g. a loss per position)."""
+  flat = {}
+  for name, value in metrics.items():
+    value = np.asarray(value, np.float64)
+    if value.ndim == 0:
+      flat[name] = float(value)
+    else:
+      flat.update({f"{name}/{i}": float(v) for i, v in enumerate(value.reshape(-1))})
+  return flat
+
+
+def mean_metrics(history: list[dict]) -> dict:
+  """Per-name mean over consecutive steps' metrics."""
+  return {name: np.mean([m[name] for m in history], axis=0) for name in history[0]}
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard event files and to `metrics.jsonl`; a no-op when disabled
+  (every process but 0 in a multi-host run)."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      self._tb = tensorboard.summary.Writer(str(workdir))
+      self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed in `close`)
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    flat = flatten(metrics)
+    for name, value in flat.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": step, **flat}) + "\n")
+    self._tb.flush()
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Throughput:
+  """Training tokens/s that counts only the time spent in training steps.
+
+  `mark(step)` restarts the clock (after the first step, which is mostly compilation, and after
+  evaluation or checkpointing); `tick(step)` counts the steps and time since the last mark.
+  """
+
+  def __init__(self, tokens_per_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.window = [0, 0.0]  # steps, seconds since the last `window_rate()`
+    self.total = [0, 0.0]
+    self._mark = None
+
+  def mark(self, step: int) -> None:
+    self._mark = (step, time.perf_counter())
+
+  def tick(self, step: int) -> None:
+    now = time.perf_counter()
+    if self._mark is not None:
+      for acc in (self.window, self.total):
+        acc[0] += step - self._mark[0]
+        acc[1] += now - self._mark[1]
+    self._mark = (step, now)
+
+  def _rate(self, steps: int, seconds: float) -> float:
+    return steps * self.tokens_per_step / seconds if seconds else float("nan")
+
+  def window_rate(self) -> float:
+    """Tokens/s since the previous call."""
+    rate = self._rate(*self.window)
+    self.window = [0, 0.0]
+    return rate
+
+  def total_rate(self) -> float:
+    return self._rate(*self.total)

@@ -1,0 +1,49 @@
+"""The jitted training and evaluation steps."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import optax
+
+from kvjax.config import ModelConfig, TrainConfig
+from kvjax.models import build_model
+from kvjax.training.loss import loss_fn_for
+from kvjax.training.optimizer import lr_schedule, make_optimizer
+from kvjax.training.state import TrainState
+
+
+def make_train_step(model, loss_fn, optimizer, schedule):
+  """`(state, tokens_BxT1) -> (state, metrics)`; the state is donated (updated in place)."""
+
+  def train_step(state: TrainState, tokens_BxT1):
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, tokens_BxT1, step_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(model, loss_fn):
+  """`(params, tokens_BxT1) -> loss`, with a fixed key so evaluation is deterministic."""
+
+  def eval_step(params, tokens_BxT1):
+    return loss_fn(model, params, tokens_BxT1, jax.random.PRNGKey(0))[0]
+
+  return jax.jit(eval_step)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """(train_step, eval_step), built once per process per config: a run resumed in the same
+  process reuses the compiled programs."""
+  model = build_model(model_cfg)
+  loss_fn = loss_fn_for(model_cfg.kind)
+  return (make_train_step(model, loss_fn, make_optimizer(train_cfg), lr_schedule(train_cfg)),
+          make_eval_step(model, loss_fn))

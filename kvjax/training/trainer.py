@@ -1,0 +1,140 @@
+"""The training loop behind `train.py`.
+
+`train(cfg, workdir)` checks everything that can be checked before writing anything (config
+against an earlier run in the workdir, the data source, the sample prompt), then resumes from
+the workdir's latest checkpoint or starts at step 0, trains to `train.steps`, evaluates every
+`eval_every` steps, checkpoints every `checkpoint_every` steps and at the end, and returns the
+final validation loss with a few generated samples.
+
+Metrics stay on the device between log, evaluation and checkpoint steps; there they are
+fetched and checked: a non-finite loss or gradient stops the run before anything else is saved,
+so the checkpoints on disk all come from steps whose losses were finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from kvjax.config import Config
+from kvjax.data.pipeline import make_data
+from kvjax.models import build_model
+from kvjax.training import checkpoint
+from kvjax.training.metrics import MetricsWriter, Throughput, mean_metrics
+from kvjax.training.optimizer import make_optimizer
+from kvjax.training.samples import generate_samples, sample_prompt_ids
+from kvjax.training.state import TrainState, init_state
+from kvjax.training.step import compiled_steps
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss or gradient; the message names the step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  step: int  # steps trained in total, earlier runs in the workdir included
+  val_loss: float  # mean loss over the validation batches, nats/token
+  samples: tuple[str, ...]
+  tokens_per_s: float  # training throughput of this call (nan when it ran under 2 steps)
+
+
+def evaluate(eval_step, params, batches: list[np.ndarray]) -> float:
+  """Mean loss over the fixed validation batches (all of one size, so mean nats/token)."""
+  return float(np.mean(jax.device_get([eval_step(params, b) for b in batches])))
+
+
+def _check_finite(history: list[dict], first_step: int, manager) -> None:
+  for i, m in enumerate(history):
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+      manager.wait_until_finished()
+      kept = manager.latest_step()
+      where = (f"the last good checkpoint is step {kept} in {manager.directory}" if kept is not None
+               else "no checkpoint was saved")
+      raise NonFiniteLossError(f"non-finite training loss {m['loss']} (gradient norm "
+                               f"{m['grad_norm']}) at step {first_step + i}; stopped, {where}")
+
+
+def _restore_or_init(manager, model, cfg: Config, data_iter) -> TrainState:
+  init = functools.partial(init_state, model, make_optimizer(cfg.train), cfg)
+  step = manager.latest_step()
+  if step is None:
+    return jax.jit(init)()
+  return checkpoint.restore(manager, step, jax.eval_shape(init), data_iter)
+
+
+def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainResult:
+  """Trains (or resumes) the run in `workdir` up to `train.steps`, or up to `stop_at` first.
+
+  `stop_at` ends this call early with a checkpoint, as a preempted job would; the learning-rate
+  schedule still runs to `train.steps`, so a later call continues the same run exactly.
+  """
+  workdir = Path(workdir)
+  checkpoint.check_config(workdir, cfg)
+  data = make_data(cfg)
+  prompt_ids = sample_prompt_ids(cfg, data.tokenizer)
+  model = build_model(cfg.model)
+  train_step, eval_step = compiled_steps(cfg.model, cfg.train)
+  tcfg = cfg.train
+  last = min(tcfg.steps, stop_at or tcfg.steps)
+  is_main = jax.process_index() == 0
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints)
+  writer = MetricsWriter(workdir, enabled=is_main)
+  try:
+    state = _restore_or_init(manager, model, cfg, data.train)
+    if is_main:
+      checkpoint.save_config(workdir, cfg)
+    first = step = int(state.step)
+    clock = Throughput(tcfg.batch_size * cfg.data.seq_len)
+    history, unchecked, val_loss, postfix = [], [], None, {}
+    with tqdm(total=tcfg.steps, initial=step, unit="step", disable=not is_main,
+              dynamic_ncols=True) as bar:
+      while step < last:
+        state, metrics = train_step(state, next(data.train))
+        step += 1
+        unchecked.append(metrics)
+        bar.update()
+        if step == first + 1:
+          jax.block_until_ready(metrics)
+          clock.mark(step)
+        log, evaluate_now, save_now = (step % every == 0 or step == last for every in (
+            tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every))
+        if not (log or evaluate_now or save_now):
+          continue
+        fetched = jax.device_get(unchecked)
+        clock.tick(step)
+        _check_finite(fetched, step - len(fetched) + 1, manager)
+        history += fetched
+        unchecked = []
+        if log:
+          logged = {**mean_metrics(history), "tokens_per_s": clock.window_rate()}
+          writer.write(step, logged)
+          postfix["loss"] = f"{logged['loss']:.4f}"
+          history = []
+        if evaluate_now:
+          val_loss = evaluate(eval_step, state.params, data.val_batches)
+          writer.write(step, {"val_loss": val_loss})
+          postfix["val_loss"] = f"{val_loss:.4f}"
+        if save_now:
+          checkpoint.save(manager, state, data.train)
+        bar.set_postfix(postfix)
+        clock.mark(step)
+    if val_loss is None:  # nothing left to train: the run was complete already
+      val_loss = evaluate(eval_step, state.params, data.val_batches)
+    samples = ()
+    if tcfg.sample_tokens:
+      rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
+      samples = tuple(generate_samples(model, state.params, cfg, data.tokenizer, prompt_ids, rng))
+    return TrainResult(step=step, val_loss=val_loss, samples=samples,
+                       tokens_per_s=clock.total_rate())
+  finally:
+    manager.close()
+    writer.close()

@@ -1,0 +1,65 @@
+"""Train a kvjax model; resumes by itself from the latest checkpoint in the workdir.
+
+  python train.py                                     # configs/tiny.yaml into runs/tiny
+  python train.py --config configs/tiny.yaml train.steps=200 --workdir runs/short
+
+The workdir receives config.yaml, orbax checkpoints, TensorBoard event files and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    """One line and exit code 2, like every other bad input (argparse also prints usage)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+  p.add_argument("--workdir", help="run directory (default runs/<config name>)")
+  p.add_argument("--stop-at", type=int, metavar="STEP",
+                 help="stop after this step with a checkpoint (the schedule still ends at "
+                      "train.steps); run again to continue")
+  p.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="config overrides, e.g. model.num_layers=4 train.steps=30")
+  return p.parse_intermixed_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  # Imported after parsing so that `--help` and flag errors are instant.
+  import jax  # noqa: PLC0415
+
+  import kvjax  # noqa: PLC0415
+  from kvjax.cli import UsageError, usage_errors  # noqa: PLC0415
+  from kvjax.training import NonFiniteLossError, train  # noqa: PLC0415
+
+  with usage_errors():
+    cfg = kvjax.load_config(args.config, args.overrides)
+    if args.stop_at is not None and args.stop_at < 1:
+      raise UsageError(f"--stop-at must be >= 1, got {args.stop_at}")
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    try:
+      result = train(cfg, workdir, stop_at=args.stop_at)
+    except NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  if jax.process_index() == 0:
+    print(f"step {result.step}: validation loss {result.val_loss:.4f} nats/token "
+          f"({cfg.data.tokenizer} tokens); {result.tokens_per_s:,.0f} training tokens/s")
+    for text in result.samples:
+      print(f"--- sample ---\n{text}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
