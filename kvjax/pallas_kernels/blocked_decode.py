@@ -11,6 +11,8 @@ rows), taken in that order, of which the first `num_tokens[b, h]` are valid. Blo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -32,6 +34,7 @@ def check_block_size(block_size: int) -> None:
                      f"got {block_size}")
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "backend", "interpret"))
 def blocked_decode(q_BxHxD: jax.Array, k_BxNxCD: jax.Array, v_BxNxCD: jax.Array,
                    num_tokens_BxK: jax.Array, table_BxKxM: jax.Array | None, *, block_size: int,
                    num_splits: int | None = None, backend: str | None = None,
@@ -57,7 +60,8 @@ def blocked_decode(q_BxHxD: jax.Array, k_BxNxCD: jax.Array, v_BxNxCD: jax.Array,
   max_blocks = -(-k_BxNxCD.shape[1] // block_size) if table_BxKxM is None else table_BxKxM.shape[2]
   num_splits = num_splits or default_num_splits(b, k, max_blocks)
   partials = (decode_partials_gpu if backend == "triton" else decode_partials_tpu)
-  acc, m, l = partials(group_queries(q_BxHxD, k), k_BxNxCD, v_BxNxCD,
+  q_BxKxGxD = group_queries(q_BxHxD, k).astype(k_BxNxCD.dtype)  # one dtype per dot
+  acc, m, l = partials(q_BxKxGxD, k_BxNxCD, v_BxNxCD,
                        num_tokens_BxK.astype(jnp.int32),
                        None if table_BxKxM is None else table_BxKxM.astype(jnp.int32),
                        block_size=block_size, num_splits=num_splits, interpret=interpret)
