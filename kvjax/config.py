@@ -44,6 +44,43 @@ class KVSharingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """One Block Transformer decoder's shape; a field left unset takes the model's value."""
+
+  num_layers: int | None = None
+  d_model: int | None = None
+  num_heads: int | None = None
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  mlp_dim: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Block Transformer (arXiv 2406.02657), used when `model.kind` is `block_transformer`.
+
+  The block decoder attends over blocks of `block_len` tokens; the token decoder decodes each
+  block from `num_prefix` vectors projected from the context of the blocks before it.
+  """
+
+  block_len: int = 4
+  num_prefix: int = 2
+  pad_id: int = 256  # put before documents and prompts to shift them within a block
+  block_decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+  token_decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+
+  def __post_init__(self):
+    for name in ("block_len", "num_prefix"):
+      _require(getattr(self, name) > 0, f"model.block.{name}", "must be > 0")
+    _require(self.pad_id >= 0, "model.block.pad_id", "must be >= 0")
+
+  def num_block_positions(self, max_len: int) -> int:
+    """Block decoder positions for `max_len` tokens after up to `block_len - 1` pads: the start
+    embedding, then one per block."""
+    return (max_len + self.block_len - 2) // self.block_len + 2
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
 
@@ -68,9 +105,10 @@ class ModelConfig:
   # otherwise a .gguf file, an HF directory (config.json + *.safetensors), or a named source.
   weights: str = ""
   kv_sharing: KVSharingConfig = dataclasses.field(default_factory=KVSharingConfig)
+  block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
 
   def __post_init__(self):
-    _choice(self.kind, "model.kind", ("llama",))
+    _choice(self.kind, "model.kind", ("llama", "block_transformer"))
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                  "mlp_dim", "max_seq_len"):
       _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
@@ -89,6 +127,30 @@ class ModelConfig:
       _choice(getattr(self, name), f"model.{name}", DTYPES)
     _choice(self.attention_impl, "model.attention_impl", ("auto", "xla", "pallas"))
     self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
+    if self.kind == "block_transformer":
+      self._check_block()
+
+  def _check_block(self) -> None:
+    block = self.block
+    _require(block.pad_id < self.vocab_size, "model.block.pad_id",
+             f"must be < model.vocab_size={self.vocab_size}, got {block.pad_id}")
+    width = self.decoder("block_decoder").d_model
+    _require(width % block.block_len == 0, "model.block.block_decoder.d_model",
+             f"must be a multiple of model.block.block_len={block.block_len} (each token's lookup "
+             f"embedding is d_model / block_len wide), got {width}")
+    self.decoder("token_decoder")
+
+  def decoder(self, name: str) -> ModelConfig:
+    """The Llama-style config of the Block Transformer's `block_decoder` or `token_decoder`."""
+    sub = getattr(self.block, name)
+    shape = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)
+             if getattr(sub, f.name) is not None}
+    positions = {"block_decoder": self.block.num_block_positions(self.max_seq_len),
+                 "token_decoder": self.block.num_prefix + self.block.block_len - 1}[name]
+    try:
+      return dataclasses.replace(self, kind="llama", max_seq_len=positions, **shape)
+    except ConfigError as e:
+      raise ConfigError(f"model.block.{name}: {e}") from None
 
   @property
   def head_dim_(self) -> int:

@@ -78,7 +78,11 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-  """A zeroed dense cache for `batch` sequences of up to `max_len` positions."""
+  """A zeroed dense cache for `batch` sequences of up to `max_len` positions (or the
+  two-level cache of a Block Transformer)."""
+  if cfg.kind == "block_transformer":
+    from kvjax.decode.block_cache import init_block_cache  # noqa: PLC0415 (builds on this module)
+    return init_block_cache(cfg, batch, max_len)
   if max_len > cfg.max_seq_len:
     raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim_)

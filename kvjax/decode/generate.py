@@ -56,9 +56,13 @@ def prefill(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, rng,
             sampling: SamplingConfig, max_new_tokens: int, pad_id: int = 0) -> DecodeState:
   """Runs the prompts through the model and samples each sequence's first new token."""
   b, t = prompts_BxT.shape
-  positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  logits_BxTxV, cache = model.apply({"params": params}, prompts_BxT, positions=positions_BxT,
-                                    cache=cache)
+  if hasattr(model, "prefill"):  # a model whose cache layout depends on where each prompt ends
+    logits_BxTxV, cache = model.apply({"params": params}, prompts_BxT, prompt_lengths_B, cache,
+                                      method="prefill")
+  else:
+    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    logits_BxTxV, cache = model.apply({"params": params}, prompts_BxT, positions=positions_BxT,
+                                      cache=cache)
   last_logits_BxV = jnp.take_along_axis(
       logits_BxTxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)

@@ -1,0 +1,194 @@
+"""Block Transformer (arXiv 2406.02657): global attention between blocks, local attention within.
+
+A sequence is cut into blocks of L tokens. The lookup embedder concatenates the L token
+embeddings of a block (each d/L wide) into one block embedding. The block decoder, a causal
+transformer over block embeddings, turns blocks 0..i-1 into the context of block i: its position 0
+holds a learned start embedding and position i + 1 holds block i, so its output at position i has
+seen exactly the blocks before block i. The token decoder decodes block i from R prefix vectors
+projected from that context, and its attention never leaves the block: it reads
+`[P_1 .. P_R, x_0 .. x_{L-2}]` (local positions 0 .. R+L-2) and its output at local position
+R-1+j predicts x_j. As in every kvjax model, `logits[:, t]` predicts token t + 1.
+
+Generation keeps a cache over blocks for the block decoder and an R+L-1 slot cache for the token
+decoder that is rewritten from slot 0 every block (`kvjax.decode.block_cache`). `prefill` puts
+pad tokens before every prompt so that it ends at a block boundary, as the paper does; training
+puts 0..L-1 pad tokens before every document so that such prompts are in distribution.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.config import ModelConfig
+from kvjax.decode.block_cache import BlockCache
+from kvjax.layers.norms import RMSNorm
+from kvjax.models.llama import DecoderBlock, Embedder
+
+
+def _arange(b: int, n: int, start=0) -> jax.Array:
+  return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) + jnp.asarray(start, jnp.int32)
+
+
+class DecoderStack(nn.Module):
+  """Pre-norm decoder blocks and a final norm over embeddings (no token embedding, no head)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, cache=None):
+    cfg = self.cfg
+    layers = []
+    for i in range(cfg.num_layers):
+      layer_cache = None if cache is None else cache.layers[i]
+      x_BxTxD, _, layer_cache = DecoderBlock(cfg, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, cache=layer_cache)
+      layers.append(layer_cache)
+    x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                      name="final_norm")(x_BxTxD)
+    return x_BxTxD, None if cache is None else cache.replace(layers=tuple(layers))
+
+
+class BlockTransformer(nn.Module):
+  """`apply(params, tokens)` returns logits; with `positions=` and `cache=` it prefills (T > 1,
+  every prompt T tokens long) or decodes one token; `prefill` takes per-sequence prompt lengths."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    block_cfg, token_cfg = cfg.decoder("block_decoder"), cfg.decoder("token_decoder")
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+    self.lookup = nn.Embed(cfg.vocab_size, block_cfg.d_model // cfg.block.block_len,
+                           embedding_init=init(("vocab", "embed")), dtype=dtype,
+                           param_dtype=param_dtype)
+    self.start = self.param("start", init(("embed",)), (block_cfg.d_model,), param_dtype)
+    self.block_decoder = DecoderStack(block_cfg)
+    self.prefix = nn.DenseGeneral((cfg.block.num_prefix, token_cfg.d_model), use_bias=False,
+                                  kernel_init=init(("embed", None, "mlp")), dtype=dtype,
+                                  param_dtype=param_dtype)
+    self.token_embed = Embedder(token_cfg)
+    self.token_decoder = DecoderStack(token_cfg)
+
+  # ---------------------------------------------------------------------------------------------
+  # The pieces.
+
+  def embed_blocks(self, blocks_BxNxL: jax.Array) -> jax.Array:
+    """Concatenates the lookup embeddings of each block's tokens: [B, N, L] -> [B, N, d_block]."""
+    b, n, _ = blocks_BxNxL.shape
+    return self.lookup(blocks_BxNxL).reshape(b, n, -1)
+
+  def contexts(self, blocks_BxNxL: jax.Array, cache=None):
+    """Block decoder over the start embedding then the N blocks, from block position 0.
+
+    Returns the N + 1 contexts `[B, N + 1, d_block]` (context i has seen blocks < i) and cache.
+    """
+    b = blocks_BxNxL.shape[0]
+    start_Bx1xD = jnp.broadcast_to(self.start.astype(jnp.dtype(self.cfg.dtype)),
+                                   (b, 1, self.start.shape[0]))
+    x_BxMxD = jnp.concatenate([start_Bx1xD, self.embed_blocks(blocks_BxNxL)], axis=1)
+    return self.block_decoder(x_BxMxD, _arange(b, x_BxMxD.shape[1]), cache)
+
+  def decode_blocks(self, ctx_BxNxD: jax.Array, blocks_BxNxL: jax.Array) -> jax.Array:
+    """Teacher-forced token decoder: logits `[B, N, L, V]`, entry j predicting token j of a block."""
+    b, n, length = blocks_BxNxL.shape
+    r = self.cfg.block.num_prefix
+    prefix_BxNxRxE = self.prefix(ctx_BxNxD)
+    x_BxNxLxE = self.token_embed.encode(blocks_BxNxL[..., :-1])
+    seq_GxSxE = jnp.concatenate([prefix_BxNxRxE, x_BxNxLxE], axis=2).reshape(
+        b * n, r + length - 1, -1)
+    h_GxSxE, _ = self.token_decoder(seq_GxSxE, _arange(b * n, r + length - 1))
+    logits_GxLxV = self.token_embed.decode(h_GxSxE[:, r - 1:]).astype(jnp.float32)
+    return logits_GxLxV.reshape(b, n, length, -1)
+
+  def start_block(self, ctx_BxD: jax.Array, local_cache):
+    """Token decoder prefill of a new block: only the R prefix vectors.
+
+    Returns the logits of the block's first token and the local cache. Slots R.. keep what the
+    previous block left there: the causal mask hides it and the block's tokens overwrite it.
+    """
+    prefix_BxRxE = self.prefix(ctx_BxD)
+    b, r, _ = prefix_BxRxE.shape
+    h_BxRxE, local_cache = self.token_decoder(prefix_BxRxE, _arange(b, r), local_cache)
+    return self.token_embed.decode(h_BxRxE[:, -1]).astype(jnp.float32), local_cache
+
+  # ---------------------------------------------------------------------------------------------
+  # Training, prefill and decode.
+
+  def forward(self, tokens_BxT: jax.Array, block_cache=None):
+    """Teacher-forced pass, blocks aligned to token 0.
+
+    Returns logits `[B, T, V]` (entry t predicts token t + 1), the contexts of blocks
+    0..T//L and the block decoder cache (when given).
+    """
+    b, t = tokens_BxT.shape
+    length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
+    n = t // length  # complete blocks: the block decoder sees only these
+    ctx_BxMxD, block_cache = self.contexts(tokens_BxT[:, :n * length].reshape(b, n, length),
+                                           block_cache)
+    # The token decoder runs on every block that holds a target; it is causal, so the pad
+    # filling the last block changes nothing before it.
+    padded_BxU = jnp.pad(tokens_BxT, ((0, 0), (0, (n + 1) * length - t)), constant_values=pad)
+    logits_BxMxLxV = self.decode_blocks(ctx_BxMxD, padded_BxU.reshape(b, n + 1, length))
+    logits_BxTxV = logits_BxMxLxV.reshape(b, (n + 1) * length, -1)[:, 1:t + 1]
+    return logits_BxTxV, ctx_BxMxD, block_cache
+
+  def prefill(self, tokens_BxT: jax.Array, lengths_B: jax.Array, cache: BlockCache):
+    """Right-padded prompts of `lengths_B` tokens, each left-padded to end at a block boundary.
+
+    Returns logits `[B, T, V]` at the prompts' own positions and the cache, ready to decode
+    position `lengths_B` (the cache's `shift` maps positions onto the padded sequence).
+    """
+    b, t = tokens_BxT.shape
+    length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
+    shift_B = (-lengths_B.astype(jnp.int32)) % length
+    src_BxW = _arange(b, t + length - 1) - shift_B[:, None]
+    padded_BxW = jnp.where(
+        src_BxW >= 0, jnp.take_along_axis(tokens_BxT, jnp.clip(src_BxW, 0, t - 1), axis=1), pad)
+    logits_BxWxV, ctx_BxMxD, blocks = self.forward(padded_BxW, cache.blocks)
+    logits_BxTxV = jnp.take_along_axis(logits_BxWxV, _arange(b, t, shift_B[:, None])[..., None],
+                                       axis=1)
+    next_block_B = (lengths_B + shift_B) // length
+    ctx_BxD = jnp.take_along_axis(ctx_BxMxD, next_block_B[:, None, None], axis=1)[:, 0]
+    _, local = self.start_block(ctx_BxD, cache.local)
+    return logits_BxTxV, cache.replace(blocks=blocks, local=local, shift=shift_B,
+                                       block_tokens=jnp.full_like(cache.block_tokens, pad))
+
+  def step(self, tokens_Bx1: jax.Array, positions_Bx1: jax.Array, cache: BlockCache):
+    """One token per sequence. A token that completes its block runs the block decoder once and
+    restarts the token decoder from the new context; any other token is one token decoder step.
+
+    Every sequence sits at the same offset within its block: prefill makes every prompt end at
+    a block boundary and each step advances every sequence by one token.
+    """
+    length, r = self.cfg.block.block_len, self.cfg.block.num_prefix
+    x_B = tokens_Bx1[:, 0]
+    q_B = positions_Bx1[:, 0] + cache.shift
+    j_B = q_B % length
+    cache = cache.replace(
+        block_tokens=cache.block_tokens.at[jnp.arange(x_B.shape[0]), j_B].set(x_B))
+
+    def within_block(mdl, cache):
+      h_Bx1xE, local = mdl.token_decoder(mdl.token_embed.encode(x_B[:, None]), (r + j_B)[:, None],
+                                         cache.local)
+      return mdl.token_embed.decode(h_Bx1xE[:, 0]).astype(jnp.float32), cache.replace(local=local)
+
+    def next_block(mdl, cache):
+      ctx_Bx1xD, blocks = mdl.block_decoder(mdl.embed_blocks(cache.block_tokens[:, None]),
+                                            (q_B // length + 1)[:, None], cache.blocks)
+      logits_BxV, local = mdl.start_block(ctx_Bx1xD[:, 0], cache.local)
+      return logits_BxV, cache.replace(blocks=blocks, local=local)
+
+    logits_BxV, cache = nn.cond(jnp.all(j_B == length - 1), next_block, within_block, self, cache)
+    return logits_BxV[:, None], cache
+
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
+    """Without a cache the tokens start at position 0 and `positions` is not needed."""
+    if cache is None:
+      return self.forward(tokens_BxT)[0]
+    if tokens_BxT.shape[1] == 1:
+      return self.step(tokens_BxT, positions, cache)
+    b, t = tokens_BxT.shape
+    return self.prefill(tokens_BxT, jnp.full((b,), t, jnp.int32), cache)
