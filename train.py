@@ -54,8 +54,9 @@ def main(argv=None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
   if jax.process_index() == 0:
+    speed = "" if result.tokens_per_s is None else f"; {result.tokens_per_s:,.0f} training tokens/s"
     print(f"step {result.step}: validation loss {result.val_loss:.4f} nats/token "
-          f"({cfg.data.tokenizer} tokens); {result.tokens_per_s:,.0f} training tokens/s")
+          f"({cfg.data.tokenizer} tokens){speed}")
     for text in result.samples:
       print(f"--- sample ---\n{text}")
   return 0

@@ -79,14 +79,14 @@ class Throughput:
         acc[1] += now - self._mark[1]
     self._mark = (step, now)
 
-  def _rate(self, steps: int, seconds: float) -> float:
-    return steps * self.tokens_per_step / seconds if seconds else float("nan")
+  def _rate(self, steps: int, seconds: float) -> float | None:
+    return steps * self.tokens_per_step / seconds if steps else None
 
-  def window_rate(self) -> float:
-    """Tokens/s since the previous call."""
+  def window_rate(self) -> float | None:
+    """Tokens/s since the previous call (None if no step was counted)."""
     rate = self._rate(*self.window)
     self.window = [0, 0.0]
     return rate
 
-  def total_rate(self) -> float:
+  def total_rate(self) -> float | None:
     return self._rate(*self.total)

@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kvjax.config import Config
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -26,10 +24,10 @@ def init_params(model: nn.Module, seq_len: int, rng: jax.Array):
   return nn.unbox(model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation,
-               cfg: Config) -> TrainState:
-  """Step 0: `train.seed` picks the initial parameters and the per-step random stream."""
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
-  params = init_params(model, cfg.data.seq_len, init_rng)
+def init_state(model: nn.Module, optimizer: optax.GradientTransformation, seq_len: int,
+               rng: jax.Array) -> TrainState:
+  """Step 0: `rng` picks the initial parameters and the per-step random stream."""
+  init_rng, train_rng = jax.random.split(rng)
+  params = init_params(model, seq_len, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), rng=train_rng)

@@ -1,8 +1,9 @@
-"""The jitted training and evaluation steps."""
+"""The jitted functions of a training run: initialisation, training step, evaluation step."""
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import optax
@@ -11,7 +12,7 @@ from kvjax.config import ModelConfig, TrainConfig
 from kvjax.models import build_model
 from kvjax.training.loss import loss_fn_for
 from kvjax.training.optimizer import lr_schedule, make_optimizer
-from kvjax.training.state import TrainState
+from kvjax.training.state import TrainState, init_state
 
 
 def make_train_step(model, loss_fn, optimizer, schedule):
@@ -23,7 +24,7 @@ def make_train_step(model, loss_fn, optimizer, schedule):
     (loss, metrics), grads = grad_fn(state.params, tokens_BxT1, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
@@ -39,11 +40,23 @@ def make_eval_step(model, loss_fn):
   return jax.jit(eval_step)
 
 
+class Steps(NamedTuple):
+  init: Callable  # rng -> TrainState at step 0, placed on the first local device
+  train_step: Callable  # (state, tokens_BxT1) -> (state, metrics)
+  eval_step: Callable  # (params, tokens_BxT1) -> loss
+
+
 @functools.lru_cache(maxsize=8)
-def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig):
-  """(train_step, eval_step), built once per process per config: a run resumed in the same
-  process reuses the compiled programs."""
+def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, seq_len: int) -> Steps:
+  """The run's jitted functions, built once per process per config: a run resumed in the same
+  process (or a second run of one config) reuses the compiled programs."""
   model = build_model(model_cfg)
   loss_fn = loss_fn_for(model_cfg.kind)
-  return (make_train_step(model, loss_fn, make_optimizer(train_cfg), lr_schedule(train_cfg)),
-          make_eval_step(model, loss_fn))
+  optimizer = make_optimizer(train_cfg)
+  # Placed explicitly, so that a fresh state and a restored one (orbax places arrays) have the
+  # same placement and share one compiled training step.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  init = jax.jit(functools.partial(init_state, model, optimizer, seq_len), out_shardings=device)
+  return Steps(init=init,
+               train_step=make_train_step(model, loss_fn, optimizer, lr_schedule(train_cfg)),
+               eval_step=make_eval_step(model, loss_fn))

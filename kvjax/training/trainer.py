@@ -7,14 +7,14 @@ the workdir's latest checkpoint or starts at step 0, trains to `train.steps`, ev
 final validation loss with a few generated samples.
 
 Metrics stay on the device between log, evaluation and checkpoint steps; there they are
-fetched and checked: a non-finite loss or gradient stops the run before anything else is saved,
-so the checkpoints on disk all come from steps whose losses were finite.
+fetched and checked. A non-finite loss or gradient stops the run before anything else is saved,
+and a checkpoint of the very parameters that produced it is removed: the latest checkpoint left
+is the last good one, whose own loss and gradient were finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 
@@ -27,10 +27,9 @@ from kvjax.data.pipeline import make_data
 from kvjax.models import build_model
 from kvjax.training import checkpoint
 from kvjax.training.metrics import MetricsWriter, Throughput, mean_metrics
-from kvjax.training.optimizer import make_optimizer
 from kvjax.training.samples import generate_samples, sample_prompt_ids
-from kvjax.training.state import TrainState, init_state
-from kvjax.training.step import compiled_steps
+from kvjax.training.state import TrainState
+from kvjax.training.step import Steps, compiled_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,7 +41,7 @@ class TrainResult:
   step: int  # steps trained in total, earlier runs in the workdir included
   val_loss: float  # mean loss over the validation batches, nats/token
   samples: tuple[str, ...]
-  tokens_per_s: float  # training throughput of this call (nan when it ran under 2 steps)
+  tokens_per_s: float | None  # training throughput of this call (None: under 2 steps ran)
 
 
 def evaluate(eval_step, params, batches: list[np.ndarray]) -> float:
@@ -51,22 +50,26 @@ def evaluate(eval_step, params, batches: list[np.ndarray]) -> float:
 
 
 def _check_finite(history: list[dict], first_step: int, manager) -> None:
+  """`history[i]` holds the metrics of step `first_step + i`, computed from the parameters
+  after step `first_step + i - 1`."""
   for i, m in enumerate(history):
     if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
       manager.wait_until_finished()
+      for bad in [s for s in manager.all_steps() if s >= first_step + i - 1]:
+        manager.delete(bad)
       kept = manager.latest_step()
       where = (f"the last good checkpoint is step {kept} in {manager.directory}" if kept is not None
                else "no checkpoint was saved")
-      raise NonFiniteLossError(f"non-finite training loss {m['loss']} (gradient norm "
-                               f"{m['grad_norm']}) at step {first_step + i}; stopped, {where}")
+      raise NonFiniteLossError(f"non-finite loss or gradient at step {first_step + i} (loss "
+                               f"{m['loss']}, gradient norm {m['grad_norm']}); stopped, {where}")
 
 
-def _restore_or_init(manager, model, cfg: Config, data_iter) -> TrainState:
-  init = functools.partial(init_state, model, make_optimizer(cfg.train), cfg)
+def _restore_or_init(manager, steps: Steps, seed: int, data_iter) -> TrainState:
+  rng = jax.random.PRNGKey(seed)
   step = manager.latest_step()
   if step is None:
-    return jax.jit(init)()
-  return checkpoint.restore(manager, step, jax.eval_shape(init), data_iter)
+    return steps.init(rng)
+  return checkpoint.restore(manager, step, jax.eval_shape(steps.init, rng), data_iter)
 
 
 def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainResult:
@@ -80,7 +83,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
   data = make_data(cfg)
   prompt_ids = sample_prompt_ids(cfg, data.tokenizer)
   model = build_model(cfg.model)
-  train_step, eval_step = compiled_steps(cfg.model, cfg.train)
+  steps = compiled_steps(cfg.model, cfg.train, cfg.data.seq_len)
   tcfg = cfg.train
   last = min(tcfg.steps, stop_at or tcfg.steps)
   is_main = jax.process_index() == 0
@@ -89,7 +92,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
   manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints)
   writer = MetricsWriter(workdir, enabled=is_main)
   try:
-    state = _restore_or_init(manager, model, cfg, data.train)
+    state = _restore_or_init(manager, steps, tcfg.seed, data.train)
     if is_main:
       checkpoint.save_config(workdir, cfg)
     first = step = int(state.step)
@@ -98,7 +101,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     with tqdm(total=tcfg.steps, initial=step, unit="step", disable=not is_main,
               dynamic_ncols=True) as bar:
       while step < last:
-        state, metrics = train_step(state, next(data.train))
+        state, metrics = steps.train_step(state, next(data.train))
         step += 1
         unchecked.append(metrics)
         bar.update()
@@ -115,12 +118,14 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         history += fetched
         unchecked = []
         if log:
-          logged = {**mean_metrics(history), "tokens_per_s": clock.window_rate()}
+          logged = mean_metrics(history)
+          if (rate := clock.window_rate()) is not None:
+            logged["tokens_per_s"] = rate
           writer.write(step, logged)
           postfix["loss"] = f"{logged['loss']:.4f}"
           history = []
         if evaluate_now:
-          val_loss = evaluate(eval_step, state.params, data.val_batches)
+          val_loss = evaluate(steps.eval_step, state.params, data.val_batches)
           writer.write(step, {"val_loss": val_loss})
           postfix["val_loss"] = f"{val_loss:.4f}"
         if save_now:
@@ -128,7 +133,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         bar.set_postfix(postfix)
         clock.mark(step)
     if val_loss is None:  # nothing left to train: the run was complete already
-      val_loss = evaluate(eval_step, state.params, data.val_batches)
+      val_loss = evaluate(steps.eval_step, state.params, data.val_batches)
     samples = ()
     if tcfg.sample_tokens:
       rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
