@@ -60,7 +60,8 @@ class Transformer(nn.Module):
   """Decoder-only LM.
 
   `apply(params, tokens)` returns logits; `apply(params, tokens, positions=, cache=)` returns
-  `(logits, cache)` for prefill and decode steps. Logits are float32.
+  `(logits, cache)` for prefill and decode steps. Logits are float32. Layers share K/V as
+  `cfg.producer_of` says (cross-layer attention); the cache holds one buffer per producer.
   """
 
   cfg: ModelConfig
@@ -74,7 +75,7 @@ class Transformer(nn.Module):
     embedder = Embedder(cfg, name="embed")
     x_BxTxD = embedder.encode(tokens_BxT)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    x_BxTxD, cache = self.layers(x_BxTxD, positions, cache)
+    x_BxTxD, cache = self._blocks(x_BxTxD, positions, cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                       name="final_norm")(x_BxTxD)
     logits_BxTxV = embedder.decode(x_BxTxD).astype(jnp.float32)
@@ -82,8 +83,9 @@ class Transformer(nn.Module):
       return logits_BxTxV
     return logits_BxTxV, cache
 
-  def layers(self, x_BxTxD, positions_BxT, cache):
-    """Runs the blocks; a producer's K/V reach its consumers directly or through its buffer."""
+  def _blocks(self, x_BxTxD, positions_BxT, cache):
+    """Runs the layers in order, so a producer's K/V exist before its consumers read them:
+    passed along in the forward pass, or through its cache buffer (written, then read)."""
     cfg = self.cfg
     producer_of = cfg.producer_of
     buffer_of = kv_sharing.buffer_of(producer_of)
