@@ -22,7 +22,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kvjax.config import ConfigError, MeshConfig
 
@@ -77,6 +77,13 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   return jax.make_mesh(mesh_shape(cfg, len(devices)), MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(cfg: MeshConfig, num_devices: int) -> AbstractMesh:
+  """The mesh of `num_devices` devices without the devices: enough to place shapes and count
+  bytes per device for a pod slice from a laptop."""
+  return AbstractMesh(mesh_shape(cfg, num_devices), MESH_AXES,
+                      axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 # ------------------------------------------------------------------------------------------
