@@ -5,11 +5,13 @@
 Trains MQA, MQA-CLA2, MQA-CLA3 and half-head MQA (configs/*_5m.yaml) with kvjax's trainer on
 byte-level Shakespeare: the same token budget, and per seed the same initialisation seed and
 data order for every model. The learning rate is swept on seed 0 for the two families (MQA, CLA)
-and each model uses its family's best, since the paper finds CLA prefers a somewhat higher one.
+with a shorter budget (SWEEP), and each model uses its family's best, since the paper finds CLA
+prefers a somewhat higher one.
 Then, from the caches' real byte sizes, the largest batch whose cache fits a fixed budget, with
 the decode throughput measured at that batch for MQA and MQA-CLA2.
 
-Runs live in `--workdir/<model>_lr<lr>_seed<seed>`; a finished run is resumed, not retrained.
+Runs live in `--workdir/[sweep_]<model>_lr<lr>_seed<seed>`; a finished run is resumed, not
+retrained.
 Writes benchmarks/results/cla_<device>.json and .png.
 """
 
@@ -41,6 +43,11 @@ MODELS = {  # name: (config, the family whose swept learning rate it uses)
 }
 
 
+# The sweep's budget: 100 steps of 8 x 128 bytes, a quarter of the steps of the real runs.
+SWEEP = ("train.steps=100", "train.batch_size=8", "train.warmup_steps=5", "train.eval_every=100",
+         "train.checkpoint_every=100", "train.eval_batches=16")
+
+
 def load(name: str, overrides=()):
   return kvjax.load_config(MODELS[name][0], list(overrides))
 
@@ -54,14 +61,16 @@ def largest_batch(cfg, budget_bytes: int, max_len: int) -> int:
   return budget_bytes // cache_bytes(cfg, 1, max_len)
 
 
-def run(name: str, lr: float, seed: int, workdir: str, overrides) -> dict:
-  cfg = load(name, [*overrides, f"train.lr={lr}", f"train.seed={seed}", f"data.seed={seed}",
-                    "train.sample_tokens=0"])
+def run(name: str, lr: float, seed: int, workdir: str, overrides, sweep: bool = False) -> dict:
+  cfg = load(name, [*(SWEEP if sweep else ()), *overrides, f"train.lr={lr}", f"train.seed={seed}",
+                    f"data.seed={seed}", "train.sample_tokens=0"])
+  tag = f"{'sweep_' if sweep else ''}{name}_lr{lr:g}_seed{seed}"
   t0 = time.perf_counter()
-  result = train(cfg, f"{workdir}/{name}_lr{lr:g}_seed{seed}")
+  result = train(cfg, f"{workdir}/{tag}")
   seconds = time.perf_counter() - t0
-  print(f"{name} lr={lr:g} seed={seed}: val {result.val_loss:.4f} nats/byte ({seconds:.0f} s)")
-  return {"model": name, "lr": lr, "seed": seed, "val_loss": result.val_loss,
+  print(f"{tag}: val {result.val_loss:.4f} nats/byte ({seconds:.0f} s)")
+  return {"model": name, "lr": lr, "seed": seed, "steps": cfg.train.steps,
+          "batch_size": cfg.train.batch_size, "val_loss": result.val_loss,
           "tokens_per_s": result.tokens_per_s, "wall_s": seconds}
 
 
@@ -121,19 +130,14 @@ def main() -> None:
       raise UsageError(f"--cache-budget-mib must be > 0, got {args.cache_budget_mib}")
 
   t0 = time.perf_counter()
-  runs = []
   families = sorted({family for _, family in MODELS.values()})
-  for family in families:
-    for lr in args.sweep_lrs:
-      runs.append(run(family, lr, args.seeds[0], args.workdir, args.overrides))
-  best = {family: min((r for r in runs if r["model"] == family), key=lambda r: r["val_loss"])["lr"]
-          for family in families}
+  sweep = [run(family, lr, args.seeds[0], args.workdir, args.overrides, sweep=True)
+           for family in families for lr in args.sweep_lrs]
+  best = {family: min((r for r in sweep if r["model"] == family),
+                      key=lambda r: r["val_loss"])["lr"] for family in families}
   lr_of = {name: best[family] for name, (_, family) in MODELS.items()}
-  done = {(r["model"], r["lr"], r["seed"]) for r in runs}
-  for seed in args.seeds:
-    for name in MODELS:
-      if (name, lr_of[name], seed) not in done:
-        runs.append(run(name, lr_of[name], seed, args.workdir, args.overrides))
+  runs = [run(name, lr_of[name], seed, args.workdir, args.overrides)
+          for seed in args.seeds for name in MODELS]
   train_s = time.perf_counter() - t0
   summary = summarize(runs, lr_of, args.overrides)
 
@@ -159,7 +163,7 @@ def main() -> None:
                  "tokens": first.train.steps * first.train.batch_size * first.data.seq_len,
                  "val_tokens": first.train.eval_batches * first.train.batch_size * first.data.seq_len},
       "overrides": args.overrides, "seeds": args.seeds, "sweep_lrs": args.sweep_lrs, "best_lr": best,
-      "models": summary, "runs": runs,
+      "models": summary, "runs": runs, "sweep_runs": sweep, "sweep_overrides": SWEEP,
       "decode": {"cache_budget_bytes": budget, "context": args.context, **decode},
       "train_wall_s": train_s, "device": jax.devices()[0].device_kind,
       "jax_version": jax.__version__,

@@ -10,6 +10,7 @@ import pytest
 import kvjax
 from kvjax.config import ConfigError
 from kvjax.decode import SamplingConfig, generate, init_cache
+from kvjax.decode.throughput import measure
 from tests.helpers import random_tokens, tiny_model
 
 SIX = "model.num_layers=6"
@@ -78,9 +79,9 @@ def test_consumers_own_no_kv_parameters(built):
   assert count(unshared) - count(params) == consumers * 2 * 64 * m.num_kv_heads * 16
 
 
-def test_train_step_reaches_every_parameter(built):
-  """One AdamW step from the LM loss: every gradient finite and nonzero, and the loss drops."""
-  _, _, model, params = built
+def test_train_step_reaches_every_parameter():
+  """One Adam step from the LM loss: every gradient finite and nonzero, and the loss drops."""
+  _, model, params = tiny_model(*PATTERNS["irregular_gqa"])
   params = nn.unbox(params)
   tokens = random_tokens(4, 17, seed=6)
 
@@ -133,6 +134,14 @@ def test_cache_holds_one_buffer_per_producer():
   assert (mqa_per_token, cla2_per_token) == (mqa // 120, cla2 // 120)
   cfg = kvjax.load_config(None, ["model.num_layers=6", "model.kv_sharing.factor=2"])
   assert len(init_cache(cfg.model, batch=1, max_len=8).layers) == 3
+
+
+def test_decode_harness_reports_producer_bytes():
+  """decode.py's `kv_bytes_per_token` is read off the cache: CLA2 over 6 layers holds 3 buffers."""
+  cfg, model, params = tiny_model(*PATTERNS["cla2_mqa"])
+  report = measure(model, params, cfg.model, batch=2, prompt_len=4, gen_len=4)
+  assert report["kv_bytes_per_token"] == 2 * 1 * 16 * 3 * 4
+  assert report["kv_cache_bytes"] == 2 * 1 * 16 * 3 * 4 * 2 * 8
 
 
 @pytest.mark.parametrize("overrides,message", [
