@@ -23,7 +23,8 @@ import numpy as np
 
 import kvjax
 from kvjax.cli import UsageError, add_config_args, usage_errors
-from kvjax.eval import long_context, multiple_choice, perplexity, synthetic
+from kvjax.eval import long_context, multiple_choice, synthetic
+from kvjax.eval.perplexity import perplexity
 from kvjax.eval.scoring import cached_logits, forward_logits
 from kvjax.io import load_weights, tokenizer_for
 
@@ -62,7 +63,8 @@ def check_args(args, cfg) -> None:
                      f"got {args.seq_len}")
   if not all(0.0 <= d <= 1.0 for d in args.depths):
     raise UsageError(f"--depths must be in [0, 1], got {args.depths}")
-  if any(n < 64 or n > cfg.model.max_seq_len - 16 for n in args.lengths):
+  long_task = args.task in RETRIEVAL or args.task == "recall"
+  if long_task and any(n < 64 or n > cfg.model.max_seq_len - 16 for n in args.lengths):
     raise UsageError(f"--lengths must be in [64, model.max_seq_len - 16 = "
                      f"{cfg.model.max_seq_len - 16}], got {args.lengths}")
   for path in args.text or ():
@@ -91,7 +93,7 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
       texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
     else:
       texts = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)[1]
-    return perplexity.perplexity(logits_fn, tokenizer, texts, seq_len=args.seq_len or cfg.data.seq_len)
+    return perplexity(logits_fn, tokenizer, texts, seq_len=args.seq_len or cfg.data.seq_len)
   if args.task == "recall":
     samples = [synthetic.associative_recall(tokenizer, rng, n)
                for n in args.lengths for _ in range(args.samples)]
@@ -107,7 +109,7 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
     return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
                                            batch_size=args.batch)
   questions = multiple_choice.load_questions(args.task)[:args.limit]
-  return multiple_choice.evaluate(logits_fn, tokenizer, questions)
+  return multiple_choice.evaluate_multiple_choice(logits_fn, tokenizer, questions)
 
 
 def main(argv=None) -> None:

@@ -68,7 +68,7 @@ def accuracy(questions: Sequence[Question], scores: Sequence[Sequence[SpanScore]
   return {metric: float(np.mean(h)) for metric, h in hits.items()} | {"questions": len(questions)}
 
 
-def evaluate(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *,
+def evaluate_multiple_choice(logits_fn: LogitsFn, tokenizer, questions: Sequence[Question], *,
              batch_tokens: int = 4096) -> dict:
   """Scores every choice as `context + continuation`, tokenized separately and joined."""
   bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []

@@ -7,6 +7,7 @@ restores the half-split order that kvjax (like HF) rotates.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -50,18 +51,26 @@ def _unpermute(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
   return w_OxI.reshape(n_heads, out // n_heads // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
+@functools.lru_cache(maxsize=2)
+def _read(path: Path, mtime_ns: int):
+  """Parsed header and memory-mapped tensors, kept per file: parsing a 49k-token vocabulary
+  takes seconds, and config, weights and tokenizer each open the file."""
+  import gguf  # noqa: PLC0415
+
+  del mtime_ns  # part of the cache key only
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # noqa: BLE001 (gguf raises bare ValueError/struct errors)
+    raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+  return reader, {k: f.contents() for k, f in reader.fields.items()}
+
+
 class GGUFCheckpoint:
   """A `.gguf` file opened lazily (memory-mapped); tensors are dequantized on `tensors()`."""
 
   def __init__(self, path: Path):
-    import gguf  # noqa: PLC0415
-
     self.path = path
-    try:
-      self._reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 (gguf raises bare ValueError/struct errors)
-      raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    self.fields: dict[str, Any] = {k: f.contents() for k, f in self._reader.fields.items()}
+    self._reader, self.fields = _read(path.resolve(), path.stat().st_mtime_ns)
     arch = self.fields.get("general.architecture")
     if arch != "llama":
       raise CheckpointError(f"{path}: architecture {arch!r} is not supported; allowed: llama")
