@@ -88,15 +88,20 @@ def test_workdir_records_config_metrics_and_checkpoints(cfg, runs):
   assert "val_loss" in (straight / "metrics.jsonl").read_text()
 
 
-def test_other_model_settings_are_rejected_before_writing(cfg, runs, tmp_path):
+def test_other_settings_are_rejected_before_writing(cfg, runs, tmp_path):
   workdir = shutil.copytree(runs[0], tmp_path / "run")
   before = sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*"))
-  other = kvjax.load_config(None, [*TINY, *RUN, f"data.source={cfg.data.source}",
-                                   "model.mlp_dim=96"])
-  with pytest.raises(ConfigError, match="model.mlp_dim=128 there, 96 now"):
-    train(other, workdir)
-  with pytest.raises(ConfigError, match="model.mlp_dim"):
-    restore_params(workdir, other)
+  other_model = kvjax.load_config(None, [*TINY, *RUN, f"data.source={cfg.data.source}",
+                                         "model.mlp_dim=96"])
+  message = r"layer_0/mlp/down/kernel is \(128, 64\) there, \(96, 64\) now; .* \(and 3 more\)"
+  with pytest.raises(ConfigError, match=message):
+    train(other_model, workdir)
+  with pytest.raises(ConfigError, match=message):
+    restore_params(workdir, other_model)
+  other_data = kvjax.load_config(None, [*TINY, *RUN, f"data.source={cfg.data.source}",
+                                        "data.seq_len=16"])
+  with pytest.raises(ConfigError, match="data.seq_len=32 there, 16 now"):
+    train(other_data, workdir)
   assert sorted((p, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
 
 

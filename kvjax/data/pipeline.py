@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import absl.flags
 import grain
 import jax
 import numpy as np
@@ -63,6 +64,9 @@ def train_iterator(tokens: np.ndarray, seq_len: int, global_batch: int, seed: in
   ds = ds[index::count].batch(per_process_batch(global_batch, count), drop_remainder=True)
   it = ds.to_iter_dataset()
   if worker_count:
+    # grain's worker processes read absl flags, which only an absl app parses; defaults suffice.
+    if not absl.flags.FLAGS.is_parsed():
+      absl.flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 
@@ -90,7 +94,6 @@ class Data:
   tokenizer: Tokenizer
   train: grain.DatasetIterator
   val_batches: list[np.ndarray]
-  train_tokens: int  # size of the training split, in tokens
 
 
 def make_data(cfg: Config) -> Data:
@@ -104,5 +107,4 @@ def make_data(cfg: Config) -> Data:
       train=train_iterator(train_tokens, cfg.data.seq_len, cfg.train.batch_size, cfg.data.seed,
                            worker_count=cfg.data.worker_count),
       val_batches=validation_batches(val_tokens, cfg.data.seq_len, cfg.train.batch_size,
-                                     cfg.train.eval_batches),
-      train_tokens=len(train_tokens))
+                                     cfg.train.eval_batches))

@@ -23,44 +23,45 @@ from kvjax.models import build_model
 from kvjax.training.state import TrainState, init_params
 
 CONFIG_FILE = "config.yaml"
-# Settings a run cannot change when it resumes: they decide the parameters' shapes and the data.
-# (`train.*` may change, e.g. more steps; `data.worker_count` only changes how data is read.)
-_FIXED_SECTIONS = ("model", "data")
-_FREE_KEYS = {"data.worker_count"}
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir).absolute() / "checkpoints"
 
 
-def _fixed_settings(tree: dict) -> dict[str, object]:
-  return {f"{section}.{key}": value for section in _FIXED_SECTIONS
-          for key, value in tree.get(section, {}).items()
-          if f"{section}.{key}" not in _FREE_KEYS}
-
-
-def check_config(workdir: str | Path, cfg: Config) -> None:
-  """Raises ConfigError if `workdir` holds a run whose model or data settings differ."""
-  path = Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    return
-  saved = _fixed_settings(yaml.safe_load(path.read_text()) or {})
-  # A YAML round trip makes tuples lists, as in the saved file.
-  current = _fixed_settings(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
-  diffs = [f"{k}={saved.get(k)!r} there, {current.get(k)!r} now"
-           for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
-  if diffs:
-    raise ConfigError(f"--workdir {workdir} holds a run with other settings ({'; '.join(diffs)}); "
-                      f"use the same model and data settings, or another --workdir")
-
-
 def save_config(workdir: str | Path, cfg: Config) -> None:
   (Path(workdir) / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def check_data_config(workdir: str | Path, cfg: Config) -> None:
+  """Raises ConfigError if `workdir` holds a run that read other data.
+
+  A resumed run must read the same token stream, and its saved iterator state has the form
+  `data.worker_count` gives it. (Model settings are checked against the saved parameters'
+  shapes instead; `train.*` may change, e.g. to train for more steps.)
+  """
+  path = Path(workdir) / CONFIG_FILE
+  if not path.is_file():
+    return
+  saved = (yaml.safe_load(path.read_text()) or {}).get("data", {})
+  current = cfg.to_dict()["data"]
+  diffs = [f"data.{k}={saved.get(k)!r} there, {current.get(k)!r} now"
+           for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+  if diffs:
+    raise ConfigError(f"{workdir} holds a run on other data ({'; '.join(diffs)}); use the same "
+                      f"data settings, or another workdir")
+
+
+def _manager(workdir: str | Path, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      "params": ocp.StandardCheckpointHandler(), "optimizer": ocp.StandardCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler()})
+
+
 def make_manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  """The manager a training run saves through: async, keeping the latest `keep` steps."""
+  return _manager(workdir, ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                                        enable_async_checkpointing=True))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iter) -> None:
@@ -72,20 +73,45 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter) -> None:
       data=grain.checkpoint.CheckpointSave(data_iter)))
 
 
+def _unreadable(manager: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointError:
+  reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return CheckpointError(
+      f"checkpoint step {step} in {manager.directory} cannot be read ({type(e).__name__}: "
+      f"{reason}); delete that step's directory to use an earlier one, or use another workdir")
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {"/".join(str(k.key) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_params(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+  """Raises ConfigError if the model of the current config has other parameters than step's."""
+  try:
+    saved = _shapes(manager.item_metadata(step)["params"])
+  except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+    raise _unreadable(manager, step, e) from None
+  wanted = _shapes(abstract_params)
+  diffs = [f"{name} is {saved.get(name, 'absent')} there, {wanted.get(name, 'absent')} now"
+           for name in sorted(saved.keys() | wanted.keys()) if saved.get(name) != wanted.get(name)]
+  if diffs:
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise ConfigError(f"the model settings do not match checkpoint step {step} in "
+                      f"{manager.directory}: {'; '.join(diffs[:3])}{more}; use the model "
+                      f"settings it was trained with (its config.yaml), or another workdir")
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, **items):
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} cannot be read ({type(e).__name__}: "
-        f"{reason}); delete that step's directory to resume from an earlier one, or use another "
-        f"--workdir") from None
+    raise _unreadable(manager, step, e) from None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
             data_iter) -> TrainState:
   """The state saved at `step`; moves `data_iter` to where it was."""
+  _check_params(manager, step, abstract.params)
   restored = _restore(
       manager, step,
       params=ocp.args.StandardRestore(abstract.params),
@@ -98,18 +124,18 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
 
 
 def restore_params(workdir: str | Path, cfg: Config):
-  """The parameters of the latest checkpoint in `workdir` (a training run with config `cfg`)."""
+  """The parameters of the latest checkpoint in `workdir`, for the model of `cfg.model`."""
   directory = checkpoint_dir(workdir)
   if not directory.is_dir():
     raise CheckpointError(f"no checkpoint in {workdir} (no {directory}); train one first with "
                           f"`python train.py --workdir {workdir}`")
-  check_config(workdir, cfg)
-  options = ocp.CheckpointManagerOptions(create=False)  # read_only=True only adds warnings
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  # Not `read_only=True`: that only adds warnings; this manager never saves.
+  with _manager(workdir, ocp.CheckpointManagerOptions(create=False)) as manager:
     step = manager.latest_step()
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {directory}; train one first with "
                             f"`python train.py --workdir {workdir}`")
     init = functools.partial(init_params, build_model(cfg.model), cfg.data.seq_len)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    _check_params(manager, step, abstract)
     return _restore(manager, step, params=ocp.args.StandardRestore(abstract)).params

@@ -37,7 +37,7 @@ class MetricsWriter:
     self.enabled = enabled
     if enabled:
       self._tb = tensorboard.summary.Writer(str(workdir))
-      self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed in `close`)
+      self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed on exit)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -49,7 +49,10 @@ class MetricsWriter:
     self._tb.flush()
     self._jsonl.flush()
 
-  def close(self) -> None:
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()

@@ -1,10 +1,10 @@
 """The training loop behind `train.py`.
 
-`train(cfg, workdir)` checks everything that can be checked before writing anything (config
-against an earlier run in the workdir, the data source, the sample prompt), then resumes from
-the workdir's latest checkpoint or starts at step 0, trains to `train.steps`, evaluates every
-`eval_every` steps, checkpoints every `checkpoint_every` steps and at the end, and returns the
-final validation loss with a few generated samples.
+`train(cfg, workdir)` checks what it can before writing anything (the data settings of an
+earlier run in the workdir, the data source, the sample prompt, then the model's parameter
+shapes against the latest checkpoint), resumes from that checkpoint or starts at step 0, trains
+to `train.steps`, evaluates every `eval_every` steps, checkpoints every `checkpoint_every` steps
+and at the end, and returns the final validation loss with a few generated samples.
 
 Metrics stay on the device between log, evaluation and checkpoint steps; there they are
 fetched and checked. A non-finite loss or gradient stops the run before anything else is saved,
@@ -59,7 +59,7 @@ def _check_finite(history: list[dict], first_step: int, manager) -> None:
         manager.delete(bad)
       kept = manager.latest_step()
       where = (f"the last good checkpoint is step {kept} in {manager.directory}" if kept is not None
-               else "no checkpoint was saved")
+               else "no good checkpoint is left")
       raise NonFiniteLossError(f"non-finite loss or gradient at step {first_step + i} (loss "
                                f"{m['loss']}, gradient norm {m['grad_norm']}); stopped, {where}")
 
@@ -79,27 +79,24 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
   schedule still runs to `train.steps`, so a later call continues the same run exactly.
   """
   workdir = Path(workdir)
-  checkpoint.check_config(workdir, cfg)
+  checkpoint.check_data_config(workdir, cfg)
   data = make_data(cfg)
   prompt_ids = sample_prompt_ids(cfg, data.tokenizer)
-  model = build_model(cfg.model)
   steps = compiled_steps(cfg.model, cfg.train, cfg.data.seq_len)
   tcfg = cfg.train
   last = min(tcfg.steps, stop_at or tcfg.steps)
   is_main = jax.process_index() == 0
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  manager = checkpoint.make_manager(workdir, tcfg.keep_checkpoints)
-  writer = MetricsWriter(workdir, enabled=is_main)
-  try:
+  with checkpoint.make_manager(workdir, tcfg.keep_checkpoints) as manager:
     state = _restore_or_init(manager, steps, tcfg.seed, data.train)
     if is_main:
       checkpoint.save_config(workdir, cfg)
     first = step = int(state.step)
     clock = Throughput(tcfg.batch_size * cfg.data.seq_len)
     history, unchecked, val_loss, postfix = [], [], None, {}
-    with tqdm(total=tcfg.steps, initial=step, unit="step", disable=not is_main,
-              dynamic_ncols=True) as bar:
+    with MetricsWriter(workdir, enabled=is_main) as writer, tqdm(
+        total=tcfg.steps, initial=step, unit="step", disable=not is_main,
+        dynamic_ncols=True) as bar:
       while step < last:
         state, metrics = steps.train_step(state, next(data.train))
         step += 1
@@ -137,9 +134,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
     samples = ()
     if tcfg.sample_tokens:
       rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
-      samples = tuple(generate_samples(model, state.params, cfg, data.tokenizer, prompt_ids, rng))
+      samples = tuple(generate_samples(build_model(cfg.model), state.params, cfg, data.tokenizer,
+                                       prompt_ids, rng))
     return TrainResult(step=step, val_loss=val_loss, samples=samples,
                        tokens_per_s=clock.total_rate())
-  finally:
-    manager.close()
-    writer.close()
