@@ -3,7 +3,7 @@ and decode throughput, each run as the documented command and collected into one
 
   python benchmarks/pretrained.py                     # everything below, in order
   python benchmarks/pretrained.py --only piqa passkey  # a subset
-  python benchmarks/pretrained.py --hellaswag-limit 500
+  python benchmarks/pretrained.py --mc-limit 300 --lengths 1000 2000 4000  # a cheaper run
 
 Each step's own JSON lands in benchmarks/results/pretrained/; the summary in
 benchmarks/results/pretrained_<device>.json lists every command with its numbers.
@@ -23,16 +23,17 @@ from common import RESULTS, write_json
 
 CONFIG = "configs/smollm2_135m.yaml"
 EVAL = [sys.executable, "-m", "kvjax.eval", "--config", CONFIG]
-LONG = ["--lengths", "1000", "2000", "4000", "8000", "--depths", "0", "0.5", "1"]
 
 
 def steps(args) -> dict[str, list[str]]:
+  limit = ["--limit", str(args.mc_limit)] if args.mc_limit else []
+  long = ["--lengths", *map(str, args.lengths), "--depths", "0", "0.5", "1", "--samples", "1"]
   return {
       "perplexity": [*EVAL, "--task", "perplexity", "--seq-len", "512"],
-      "arc_easy": [*EVAL, "--task", "arc_easy"],
-      "piqa": [*EVAL, "--task", "piqa"],
-      "passkey": [*EVAL, "--task", "passkey", *LONG, "--samples", "1"],
-      "lines": [*EVAL, "--task", "lines", *LONG, "--samples", "1"],
+      "arc_easy": [*EVAL, "--task", "arc_easy", *limit],
+      "piqa": [*EVAL, "--task", "piqa", *limit],
+      "passkey": [*EVAL, "--task", "passkey", *long],
+      "lines": [*EVAL, "--task", "lines", *long],
       "decode_b1": [sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
                     "--prompt-len", "128", "--gen-len", "64"],
       "decode_b16": [sys.executable, "decode.py", "--config", CONFIG, "--batch", "16",
@@ -46,6 +47,8 @@ def main() -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="+", help="run only these steps")
   p.add_argument("--hellaswag-limit", type=int, default=500)
+  p.add_argument("--mc-limit", type=int, help="ARC-Easy and PIQA: first N questions (default all)")
+  p.add_argument("--lengths", type=int, nargs="+", default=[1000, 2000, 4000, 8000])
   args = p.parse_args()
   root = Path(__file__).resolve().parent.parent
   out_dir = RESULTS / "pretrained"
