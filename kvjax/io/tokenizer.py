@@ -58,7 +58,7 @@ class CheckpointTokenizer:
         bos_token=token(self.bos_id) or "", eos_token=token(self.eos_id) or "")
 
 
-def _with_bos_flag(tokenizer, bos_id, eos_id, pad_id, chat_template, add_bos=None):
+def _checkpoint_tokenizer(tokenizer, bos_id, eos_id, pad_id, chat_template, add_bos=None):
   if add_bos is None:  # HF post-processors add BOS themselves: ask one what it does.
     first = tokenizer.encode("", add_special_tokens=True).ids[:1]
     add_bos = bos_id is not None and first == [bos_id]
@@ -86,7 +86,7 @@ def tokenizer_from_hf_dir(path: Path) -> CheckpointTokenizer:
     tok = tok.get("content") if isinstance(tok, dict) else tok
     return None if tok is None else tokenizer.token_to_id(tok)
 
-  return _with_bos_flag(tokenizer, token_id("bos_token"), token_id("eos_token"),
+  return _checkpoint_tokenizer(tokenizer, token_id("bos_token"), token_id("eos_token"),
                         token_id("pad_token"), template, config.get("add_bos_token"))
 
 
@@ -119,7 +119,7 @@ def tokenizer_from_gguf(fields: dict[str, Any], where: str) -> CheckpointTokeniz
       [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
   tokenizer.add_tokens(
       [AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-  return _with_bos_flag(tokenizer, fields.get("tokenizer.ggml.bos_token_id"),
+  return _checkpoint_tokenizer(tokenizer, fields.get("tokenizer.ggml.bos_token_id"),
                         fields.get("tokenizer.ggml.eos_token_id"),
                         fields.get("tokenizer.ggml.padding_token_id"),
                         fields.get("tokenizer.chat_template"),
