@@ -32,10 +32,14 @@ from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PROCESSES, DEVICES_PER_PROCESS, STEPS = 2, 4, 3
-OVERRIDES = (*TINY, "train.batch_size=8", "train.warmup_steps=0", "train.lr=0.001",
+LR = 0.001
+OVERRIDES = (*TINY, "train.batch_size=8", "train.warmup_steps=0", f"train.lr={LR}",
              "data.seq_len=16")
+# The processes' grain shards interleave, so the global batch holds the same rows in another
+# order and every sum runs in another order; Adam moves a parameter by up to `lr` a step
+# whatever its gradient's size, so near-zero gradients turn rounding into up to 10% of that.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 3e-5  # 3% of one step's largest update (lr): float32 sums in another order
+PARAM_ATOL = 0.1 * LR
 
 
 def _setup(mesh):
@@ -120,7 +124,7 @@ def test_checkpoint_written_by_both_processes_restores(run, reference):
       lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
   assert int(restored.step) == STEPS
   assert max_diff(restored.params, state.params) <= PARAM_ATOL
-  assert max_diff(restored.params, sharding.create_sharded(init, shardings).params) > 100 * PARAM_ATOL
+  assert max_diff(restored.params, sharding.create_sharded(init, shardings).params) > 2 * LR
 
 
 if __name__ == "__main__":
