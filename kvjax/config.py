@@ -53,6 +53,7 @@ class DecoderConfig:
   num_kv_heads: int | None = None
   head_dim: int | None = None
   mlp_dim: int | None = None
+  kv_sharing: KVSharingConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +67,15 @@ class BlockConfig:
   block_len: int = 4
   num_prefix: int = 2
   pad_id: int = 256  # put before documents and prompts to shift them within a block
+  eos_id: int = 258  # ends every document in the training stream (documents start after it)
   block_decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
   token_decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
 
   def __post_init__(self):
     for name in ("block_len", "num_prefix"):
       _require(getattr(self, name) > 0, f"model.block.{name}", "must be > 0")
-    _require(self.pad_id >= 0, "model.block.pad_id", "must be >= 0")
+    for name in ("pad_id", "eos_id"):
+      _require(getattr(self, name) >= 0, f"model.block.{name}", "must be >= 0")
 
   def num_block_positions(self, max_len: int) -> int:
     """Block decoder positions for `max_len` tokens after up to `block_len - 1` pads: the start
@@ -132,8 +135,9 @@ class ModelConfig:
 
   def _check_block(self) -> None:
     block = self.block
-    _require(block.pad_id < self.vocab_size, "model.block.pad_id",
-             f"must be < model.vocab_size={self.vocab_size}, got {block.pad_id}")
+    for name in ("pad_id", "eos_id"):
+      _require(getattr(block, name) < self.vocab_size, f"model.block.{name}",
+               f"must be < model.vocab_size={self.vocab_size}, got {getattr(block, name)}")
     width = self.decoder("block_decoder").d_model
     _require(width % block.block_len == 0, "model.block.block_decoder.d_model",
              f"must be a multiple of model.block.block_len={block.block_len} (each token's lookup "

@@ -20,34 +20,29 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from kvjax.config import ModelConfig
 from kvjax.decode.block_cache import BlockCache
 from kvjax.layers.norms import RMSNorm
-from kvjax.models.llama import DecoderBlock, Embedder
+from kvjax.models.llama import Embedder, Transformer
 
 
 def _arange(b: int, n: int, start=0) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) + jnp.asarray(start, jnp.int32)
 
 
-class DecoderStack(nn.Module):
-  """Pre-norm decoder blocks and a final norm over embeddings (no token embedding, no head)."""
-
-  cfg: ModelConfig
+class DecoderStack(Transformer):
+  """The Llama decoder's blocks (any K/V sharing pattern) and final norm, run on embeddings:
+  no token embedding, no head."""
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, cache=None):
     cfg = self.cfg
-    layers = []
-    for i in range(cfg.num_layers):
-      layer_cache = None if cache is None else cache.layers[i]
-      x_BxTxD, _, layer_cache = DecoderBlock(cfg, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, cache=layer_cache)
-      layers.append(layer_cache)
+    x_BxTxD, cache = self._blocks(x_BxTxD, positions_BxT, cache)
     x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                       name="final_norm")(x_BxTxD)
-    return x_BxTxD, None if cache is None else cache.replace(layers=tuple(layers))
+    return x_BxTxD, cache
 
 
 class BlockTransformer(nn.Module):
@@ -192,3 +187,43 @@ class BlockTransformer(nn.Module):
       return self.step(tokens_BxT, positions, cache)
     b, t = tokens_BxT.shape
     return self.prefill(tokens_BxT, jnp.full((b,), t, jnp.int32), cache)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training objective.
+
+
+def pad_documents(tokens_BxT: jax.Array, rng: jax.Array, *, block_len: int, pad_id: int,
+                  eos_id: int) -> tuple[jax.Array, jax.Array]:
+  """Puts 0..block_len-1 pad tokens (uniformly drawn) before every document, i.e. before the
+  first token and after every EOS, so documents start at every offset within a block.
+
+  Tokens pushed past the end are dropped. Returns the tokens and a mask of the original ones.
+  """
+  b, t = tokens_BxT.shape
+  starts_BxT = jnp.concatenate([jnp.ones((b, 1), bool), tokens_BxT[:, :-1] == eos_id], axis=1)
+  pads_BxT = jnp.where(starts_BxT, jax.random.randint(rng, (b, t), 0, block_len), 0)
+  dest_BxT = jnp.arange(t) + jnp.cumsum(pads_BxT, axis=1)
+  rows_Bx1 = jnp.arange(b)[:, None]
+  padded_BxT = jnp.full_like(tokens_BxT, pad_id).at[rows_Bx1, dest_BxT].set(tokens_BxT,
+                                                                           mode="drop")
+  real_BxT = jnp.zeros((b, t), bool).at[rows_Bx1, dest_BxT].set(True, mode="drop")
+  return padded_BxT, real_BxT
+
+
+def loss(model: BlockTransformer, params, tokens_BxT1: jax.Array, rng: jax.Array):
+  """Mean next-token cross-entropy over the text after `pad_documents` (pad targets are not
+  scored), and as a metric the same loss for each position within a block."""
+  block = model.cfg.block
+  tokens_BxT1, real_BxT1 = pad_documents(tokens_BxT1, rng, block_len=block.block_len,
+                                         pad_id=block.pad_id, eos_id=block.eos_id)
+  logits_BxTxV = model.apply({"params": params}, tokens_BxT1[:, :-1])
+  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT1[:, 1:])
+  weight_BxT = real_BxT1[:, 1:].astype(jnp.float32)
+  t = ce_BxT.shape[1]
+  # Token t + 1 is the target of entry t; blocks are aligned to token 0.
+  position_TxL = jax.nn.one_hot(jnp.arange(1, t + 1) % block.block_len, block.block_len)
+  total_L = jnp.einsum("bt,bt,tl->l", ce_BxT, weight_BxT, position_TxL)
+  count_L = jnp.einsum("bt,tl->l", weight_BxT, position_TxL)
+  mean = jnp.sum(ce_BxT * weight_BxT) / jnp.maximum(jnp.sum(weight_BxT), 1.0)
+  return mean, {"loss_by_block_position": total_L / jnp.maximum(count_L, 1.0)}
