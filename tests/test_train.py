@@ -14,12 +14,13 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import kvjax
-from helpers import TINY
 from kvjax.config import ConfigError
 from kvjax.io.errors import CheckpointError
 from kvjax.training import NonFiniteLossError, restore_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ("model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.mlp_dim=128", "model.max_seq_len=64", "data.seq_len=32")
 RUN = ("train.batch_size=4", "train.steps=6", "train.warmup_steps=2", "train.log_every=1",
        "train.eval_every=3", "train.checkpoint_every=3", "train.eval_batches=2",
        "train.sample_tokens=12", "train.num_samples=2", "train.sample_prompt=thou")
