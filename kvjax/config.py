@@ -104,6 +104,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   cache_dtype: str = "float32"
   attention_impl: str = "auto"  # auto | xla | pallas
+  # MoA (`kvjax.moa`): a JSON plan of per-head elastic sparse windows; "" for dense attention.
+  moa_plan: str = ""
+  moa_block_size: int = 64  # prefill block and cache size granularity
+  moa_sink_tokens: int = 64  # the first tokens, always visible (at most one block)
   # Pretrained weights (see `kvjax.io`): "" for random init or a kvjax training checkpoint;
   # otherwise a .gguf file, an HF directory (config.json + *.safetensors), or a named source.
   weights: str = ""
@@ -129,9 +133,23 @@ class ModelConfig:
     for name in ("dtype", "param_dtype", "cache_dtype"):
       _choice(getattr(self, name), f"model.{name}", DTYPES)
     _choice(self.attention_impl, "model.attention_impl", ("auto", "xla", "pallas"))
+    self._check_moa()
     self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
     if self.kind == "block_transformer":
       self._check_block()
+
+  def _check_moa(self) -> None:
+    _require(self.moa_block_size > 0, "model.moa_block_size", "must be > 0")
+    _require(0 < self.moa_sink_tokens <= self.moa_block_size, "model.moa_sink_tokens",
+             f"must be in [1, model.moa_block_size={self.moa_block_size}], "
+             f"got {self.moa_sink_tokens}")
+    if not self.moa_plan:
+      return
+    _require(self.kind == "llama" and self.num_kv_layers == self.num_layers, "model.moa_plan",
+             "needs model.kind 'llama' without cross-layer K/V sharing")
+    from kvjax.moa.plan import load_plan  # noqa: PLC0415 (kvjax.moa builds on this module)
+
+    load_plan(self.moa_plan).check(self)
 
   def _check_block(self) -> None:
     block = self.block

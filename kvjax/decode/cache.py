@@ -52,7 +52,8 @@ class DenseLayerCache:
     return DenseLayerCache(k=_write_rows(self.k, k_BxTxKxD, start_B),
                            v=_write_rows(self.v, v_BxTxKxD, start_B))
 
-  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto") -> jax.Array:
+  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto", kv=None) -> jax.Array:
+    del kv  # the chunk's K/V were written here and are read back like every other slot
     if q_BxTxHxD.shape[1] == 1 and resolve_impl(impl) == "pallas":
       from kvjax.pallas_kernels.shared_kv_decode import shared_kv_decode  # noqa: PLC0415
       out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], self.k, self.v, positions_BxT[:, 0] + 1)
@@ -85,6 +86,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return init_block_cache(cfg, batch, max_len)
   if max_len > cfg.max_seq_len:
     raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+  if cfg.moa_plan:
+    from kvjax.decode.moa_cache import init_moa_cache  # noqa: PLC0415 (builds on this module)
+    return init_moa_cache(cfg, batch, max_len)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim_)
   dtype = jnp.dtype(cfg.cache_dtype)
   return KVCache(layers=tuple(

@@ -56,6 +56,8 @@ def prefill(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, rng,
             sampling: SamplingConfig, max_new_tokens: int, pad_id: int = 0) -> DecodeState:
   """Runs the prompts through the model and samples each sequence's first new token."""
   b, t = prompts_BxT.shape
+  if hasattr(cache, "with_prompt_lengths"):  # a cache that drops tokens must not keep the pads
+    cache = cache.with_prompt_lengths(prompt_lengths_B)
   if hasattr(model, "prefill"):  # a model whose cache layout depends on where each prompt ends
     logits_BxTxV, cache = model.apply({"params": params}, prompts_BxT, prompt_lengths_B, cache,
                                       method="prefill")

@@ -16,13 +16,14 @@ from kvjax.layers.norms import RMSNorm
 class DecoderBlock(nn.Module):
   cfg: ModelConfig
   owns_kv: bool = True
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, *, kv=None, cache=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                 name=name)
-    h_BxTxD, kv, cache = Attention(cfg, self.owns_kv, name="attn")(
+    h_BxTxD, kv, cache = Attention(cfg, self.owns_kv, self.layer, name="attn")(
         norm("attn_norm")(x_BxTxD), positions_BxT, kv=kv, cache=cache)
     x_BxTxD = x_BxTxD + h_BxTxD
     x_BxTxD = x_BxTxD + SwiGLU(cfg.mlp_dim, cfg.init_std, jnp.dtype(cfg.dtype),
@@ -93,7 +94,7 @@ class Transformer(nn.Module):
     kv_of = {}
     for i, p in enumerate(producer_of):
       layer_cache = None if cache is None else buffers[buffer_of[i]]
-      x_BxTxD, kv, layer_cache = DecoderBlock(cfg, owns_kv=p == i, name=f"layer_{i}")(
+      x_BxTxD, kv, layer_cache = DecoderBlock(cfg, owns_kv=p == i, layer=i, name=f"layer_{i}")(
           x_BxTxD, positions_BxT, kv=kv_of.get(p), cache=layer_cache)
       kv_of[i] = kv
       if cache is not None:

@@ -1,0 +1,140 @@
+"""Build MoA plans for a kvjax model.
+
+  python -m kvjax.moa plan --config configs/smollm2_135m.yaml --out plans/smollm2_50.json \\
+      --density 0.5 --lengths 512 1024 --samples 4
+  python -m kvjax.moa uniform --config configs/smollm2_135m.yaml --beta 0.5 --out plans/stream.json
+
+`plan` profiles attention influence on calibration data the model writes itself, searches one
+rule per head under the density budget, validates the candidates and writes the best as the
+authors' JSON (plus `<out>.report.json`). `uniform` writes one rule for every head (the
+StreamingLLM baseline: alpha 0, beta = density). Use a plan with `model.moa_plan=PATH`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import kvjax
+from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.moa.plan import uniform_plan
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m kvjax.moa", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  plan = sub.add_parser("plan", help="profile, search and validate a plan")
+  plan.add_argument("--config", required=True)
+  plan.add_argument("--checkpoint", help="training workdir (else model.weights)")
+  plan.add_argument("--out", required=True, help="plan JSON to write")
+  plan.add_argument("--density", type=float, default=0.5, help="mean KV-cache density budget")
+  plan.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+  plan.add_argument("--samples", type=int, default=4, help="calibration samples per length")
+  plan.add_argument("--val-samples", type=int, default=2, help="validation samples per length")
+  plan.add_argument("--response-tokens", type=int, default=64)
+  plan.add_argument("--alphas", type=float, nargs=3, default=[-2048, 8192, 1024],
+                    metavar=("FIRST", "LAST", "STEP"))
+  plan.add_argument("--betas", type=float, nargs=3, default=[0, 1, 0.125],
+                    metavar=("FIRST", "LAST", "STEP"))
+  plan.add_argument("--max-rules", type=int, default=2, help="distinct rules per layer")
+  plan.add_argument("--seed", type=int, default=0)
+  add_config_args(plan)
+  uni = sub.add_parser("uniform", help="one rule for every head")
+  uni.add_argument("--config", required=True)
+  uni.add_argument("--out", required=True)
+  uni.add_argument("--alpha", type=float, default=0.0)
+  uni.add_argument("--beta", type=float, default=0.5)
+  add_config_args(uni)
+  return p.parse_intermixed_args(argv)
+
+
+def grid(first: float, last: float, step: float) -> np.ndarray:
+  if step <= 0 or last < first:
+    raise UsageError(f"a grid needs FIRST <= LAST and STEP > 0, got {first} {last} {step}")
+  return np.arange(first, last + step / 2, step)
+
+
+def check_plan_args(args, cfg) -> None:
+  if not 0.0 < args.density <= 1.0:
+    raise UsageError(f"--density must be in (0, 1], got {args.density}")
+  for name in ("samples", "val_samples", "response_tokens", "max_rules"):
+    if getattr(args, name) < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  block = cfg.model.moa_block_size
+  for n in args.lengths:
+    if n % block or n > cfg.model.max_seq_len or n <= args.response_tokens + block:
+      raise UsageError(f"--lengths must be multiples of model.moa_block_size={block}, longer "
+                       f"than --response-tokens + one block and <= model.max_seq_len="
+                       f"{cfg.model.max_seq_len}, got {n}")
+  if not (cfg.model.weights or args.checkpoint):
+    raise UsageError("nothing to profile: set model.weights or give --checkpoint")
+
+
+def run_plan(args, cfg) -> None:
+  from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+  from kvjax.eval.__main__ import load_params  # noqa: PLC0415
+  from kvjax.io import tokenizer_for  # noqa: PLC0415
+  from kvjax.moa.calibration import calibration_set  # noqa: PLC0415
+  from kvjax.moa.pipeline import mean_influence, search_plan  # noqa: PLC0415
+
+  start = time.perf_counter()
+  mcfg = dataclasses.replace(cfg.model, moa_plan="")  # profiling and responses run dense
+  model, params = kvjax.build_model(mcfg), load_params(cfg, args.checkpoint)
+  tokenizer = tokenizer_for(cfg)
+  train_docs, val_docs = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)
+  rng = np.random.default_rng(args.seed)
+  influence, validation = {}, {}
+  for n in args.lengths:
+    tqdm.write(f"length {n}: generating {args.samples} + {args.val_samples} responses")
+    data = calibration_set(model, params, mcfg, tokenizer, train_docs, length=n,
+                           count=args.samples, response_tokens=args.response_tokens, rng=rng)
+    validation[n] = calibration_set(model, params, mcfg, tokenizer, val_docs, length=n,
+                                    count=args.val_samples,
+                                    response_tokens=args.response_tokens, rng=rng)
+    influence[n] = mean_influence(model, params, *data, block=mcfg.moa_block_size,
+                                  progress=lambda it, n=n: tqdm(it, desc=f"profile {n}"))
+  plan, records = search_plan(model, params, influence, validation, budget=args.density,
+                              alphas=grid(*args.alphas), betas=grid(*args.betas),
+                              max_rules=args.max_rules,
+                              progress=lambda it: tqdm(it, desc="validate candidates"))
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  plan.save(out)
+  report = {"config": args.config, "overrides": args.overrides, "density": args.density,
+            "lengths": args.lengths, "samples": args.samples, "val_samples": args.val_samples,
+            "seconds": time.perf_counter() - start,
+            "candidates": [{**{k: v for k, v in r.items() if k != "plan"},
+                            "chosen": r["plan"] == plan} for r in records]}
+  Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
+  best = min(records, key=lambda r: r["validation_loss"])
+  print(f"wrote {out}: validation loss {best['validation_loss']:.4f}, density "
+        + ", ".join(f"{n}: {d:.3f}" for n, d in best["density"].items())
+        + f" ({len(records)} candidates, {report['seconds']:.0f} s)")
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  with usage_errors():
+    cfg = kvjax.load_config(args.config, args.overrides)
+    if args.command == "uniform":
+      plan = uniform_plan(cfg.model.num_layers, cfg.model.num_heads, args.alpha, args.beta)
+      from kvjax.moa.plan import from_dict  # noqa: PLC0415
+      from_dict(json.loads(plan.to_json()), "uniform plan")  # same range checks as a file
+      Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+      plan.save(args.out)
+      print(f"wrote {args.out}")
+      return
+    check_plan_args(args, cfg)
+    run_plan(args, cfg)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
