@@ -21,14 +21,14 @@ from kvjax.cli import UsageError, add_config_args, usage_errors
 from kvjax.decode import SamplingConfig, generate, init_cache
 from kvjax.decode.throughput import measure
 
-DEFAULT_CONFIG = "configs/tiny.yaml"
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 COMPARED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ms_per_step", "kv_cache_bytes",
             "kv_bytes_per_token")
 
 
 def parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", action="append", help=f"YAML config; repeat to compare (default {DEFAULT_CONFIG})")
+  p.add_argument("--config", action="append", help="YAML config; repeat to compare (default: configs/tiny.yaml)")
   p.add_argument("--checkpoint", action="append", help="training workdir (one, or one per --config)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--prompt-len", type=int, default=128)

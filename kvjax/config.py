@@ -44,6 +44,30 @@ class KVSharingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionGateConfig:
+  """Attention-Gate (arXiv 2410.12876): a small causal attention before each K/V-producing layer
+  flags, per token and K/V head, whether later queries may see that token (`kvjax.gate`)."""
+
+  enable: bool = False
+  num_heads: int = 4
+  head_dim: int = 32
+  threshold: float = 0.5  # keep iff sigmoid score > threshold
+  num_sinks: int = 4  # the first positions are always kept
+  keep_ratio: float = 0.5  # the eviction loss drives each layer's kept fraction here
+  loss_weight: float = 1.0
+  gate_decode: bool = False  # also gate decoded tokens (the gate then keeps its own K/V cache)
+
+  def __post_init__(self):
+    for name in ("num_heads", "head_dim"):
+      _require(getattr(self, name) > 0, f"model.attention_gate.{name}", "must be > 0")
+    _require(self.head_dim % 2 == 0, "model.attention_gate.head_dim", "must be even for RoPE")
+    _require(0.0 < self.threshold < 1.0, "model.attention_gate.threshold", "must be in (0, 1)")
+    _require(self.num_sinks >= 0, "model.attention_gate.num_sinks", "must be >= 0")
+    _require(0.0 < self.keep_ratio <= 1.0, "model.attention_gate.keep_ratio", "must be in (0, 1]")
+    _require(self.loss_weight >= 0, "model.attention_gate.loss_weight", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """One Block Transformer decoder's shape; a field left unset takes the model's value."""
 
@@ -113,6 +137,7 @@ class ModelConfig:
   weights: str = ""
   kv_sharing: KVSharingConfig = dataclasses.field(default_factory=KVSharingConfig)
   block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
+  attention_gate: AttentionGateConfig = dataclasses.field(default_factory=AttentionGateConfig)
 
   def __post_init__(self):
     _choice(self.kind, "model.kind", ("llama", "block_transformer"))
@@ -137,6 +162,8 @@ class ModelConfig:
     self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
     if self.kind == "block_transformer":
       self._check_block()
+    _require(not (self.attention_gate.enable and self.kind != "llama"),
+             "model.attention_gate.enable", f"needs model.kind 'llama', got {self.kind!r}")
 
   def _check_moa(self) -> None:
     _require(self.moa_block_size > 0, "model.moa_block_size", "must be > 0")
@@ -240,6 +267,8 @@ class TrainConfig:
   num_samples: int = 3
   sample_prompt: str = "ROMEO:"
   sample_temperature: float = 0.8
+  base: str = ""  # a kvjax training workdir whose parameters start this run (see freeze_base)
+  freeze_base: bool = False  # train only what the base (train.base or model.weights) lacks
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
@@ -285,6 +314,11 @@ class Config:
              f"got {self.model.vocab_size}")
     _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
              f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
+    _require(not (self.train.base and self.model.weights), "train.base",
+             "set either train.base or model.weights as the base, not both")
+    _require(not self.train.freeze_base or bool(self.train.base or self.model.weights),
+             "train.freeze_base", "needs a base to freeze: set train.base (a training workdir) "
+             "or model.weights")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -328,6 +362,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
              f"must be an integer, got {value!r}")
     return value
   if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads `3e-4` and `nan` as strings
+      try:
+        value = float(value)
+      except ValueError:
+        pass
     _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
              f"must be a number, got {value!r}")
     _require(math.isfinite(value), key, f"must be finite, got {value!r}")

@@ -52,7 +52,7 @@ def test_every_shipped_config_loads():
     ("train.lr=-1", "train.lr: must be > 0"),
     ("train.lr=nan", "train.lr: must be finite"),
     ("mesh.data=-1", None),
-    ("model.num_layers.x=1", "model.num_layers: is a value, not a section"),
+    ("model.num_layers.x=1", "model.num_layers: must be an integer, got {'x': 1}"),
     ("model.num_layers", "overrides look like section.key=value"),
     ("model=3", "model: must be a mapping of ModelConfig fields"),
 ])
@@ -84,8 +84,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_override_values_parse_as_yaml_scalars():
-  assert parse_override("train.lr=3e-4") == ("train.lr", 3e-4)
+  assert parse_override("model.num_layers=4") == ("model.num_layers", 4)
   assert parse_override("data.source=a=b") == ("data.source", "a=b")
+  assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4  # a string in YAML 1.1
 
 
 def test_config_is_frozen():
