@@ -27,11 +27,26 @@ from kvjax.cli import UsageError, add_config_args, usage_errors
 from kvjax.moa.plan import uniform_plan
 
 
+COMMANDS = ("plan", "uniform")
+
+
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m kvjax.moa", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="command", required=True)
-  plan = sub.add_parser("plan", help="profile, search and validate a plan")
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = argv[0] if argv else None
+  if command not in COMMANDS:
+    argparse.ArgumentParser(prog="python -m kvjax.moa", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).error(
+        f"the first argument must be one of {', '.join(COMMANDS)}")
+  prog = f"python -m kvjax.moa {command}"
+  if command == "uniform":
+    uni = argparse.ArgumentParser(prog=prog, description="one rule for every head")
+    uni.add_argument("--config", required=True)
+    uni.add_argument("--out", required=True)
+    uni.add_argument("--alpha", type=float, default=0.0)
+    uni.add_argument("--beta", type=float, default=0.5)
+    add_config_args(uni)
+    return argparse.Namespace(command=command, **vars(uni.parse_intermixed_args(argv[1:])))
+  plan = argparse.ArgumentParser(prog=prog, description="profile, search and validate a plan")
   plan.add_argument("--config", required=True)
   plan.add_argument("--checkpoint", help="training workdir (else model.weights)")
   plan.add_argument("--out", required=True, help="plan JSON to write")
@@ -47,13 +62,7 @@ def parse_args(argv):
   plan.add_argument("--max-rules", type=int, default=2, help="distinct rules per layer")
   plan.add_argument("--seed", type=int, default=0)
   add_config_args(plan)
-  uni = sub.add_parser("uniform", help="one rule for every head")
-  uni.add_argument("--config", required=True)
-  uni.add_argument("--out", required=True)
-  uni.add_argument("--alpha", type=float, default=0.0)
-  uni.add_argument("--beta", type=float, default=0.5)
-  add_config_args(uni)
-  return p.parse_intermixed_args(argv)
+  return argparse.Namespace(command=command, **vars(plan.parse_intermixed_args(argv[1:])))
 
 
 def grid(first: float, last: float, step: float) -> np.ndarray:

@@ -56,7 +56,7 @@ def calibration_set(model, params, cfg, tokenizer, texts: Sequence[str], *, leng
   out = generate(model, params, prompts_BxT, np.full(count, width), max_new_tokens=response_tokens,
                  rng=jax.random.key(0), cache=init_cache(cfg, count, length),
                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  tokens, lengths = jax.device_get((out.tokens, out.lengths))
+  tokens, lengths = (np.array(x) for x in jax.device_get((out.tokens, out.lengths)))
   weights = np.zeros((count, length), np.int32)
   for i, n in enumerate(lengths):
     weights[i, width:width + n] = 1
