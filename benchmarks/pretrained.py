@@ -16,7 +16,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common import RESULTS, write_json
@@ -53,21 +52,22 @@ def main() -> None:
   root = Path(__file__).resolve().parent.parent
   out_dir = RESULTS / "pretrained"
   out_dir.mkdir(parents=True, exist_ok=True)
-  summary_file = next(RESULTS.glob("pretrained_*.json"), None)
-  summary = json.loads(summary_file.read_text()) if summary_file else {}
-  for name, cmd in steps(args).items():
+  commands = {name: [*cmd, "--json", str((out_dir / f"{name}.json").relative_to(root))]
+              for name, cmd in steps(args).items()}
+  for name, cmd in commands.items():
     if args.only and name not in args.only:
       continue
-    out = out_dir / f"{name}.json"
-    cmd = [*cmd, "--json", str(out.relative_to(root))]
     print(f"$ {shlex.join(cmd)}", flush=True)
-    start = time.perf_counter()
     subprocess.run(cmd, cwd=root, check=True)
-    summary[name] = {"command": shlex.join(cmd).replace(sys.executable, "python"),
-                     "wall_s": round(time.perf_counter() - start, 1),
-                     "result": json.loads(out.read_text())}
+    # Every step present so far, each with the command that produced it (results from an
+    # earlier run of this script, or the same command run by hand, are kept).
+    summary = {}
+    for step, step_cmd in commands.items():
+      out = out_dir / f"{step}.json"
+      if out.is_file():
+        summary[step] = {"command": shlex.join(step_cmd).replace(sys.executable, "python"),
+                         "result": json.loads(out.read_text())}
     write_json("pretrained", summary)
-
 
 if __name__ == "__main__":
   main()
