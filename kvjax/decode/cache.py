@@ -80,12 +80,15 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   """A zeroed dense cache for `batch` sequences of up to `max_len` positions (or the
-  two-level cache of a Block Transformer)."""
+  two-level cache of a Block Transformer, or the compacted one of an attention gate)."""
   if cfg.kind == "block_transformer":
     from kvjax.decode.block_cache import init_block_cache  # noqa: PLC0415 (builds on this module)
     return init_block_cache(cfg, batch, max_len)
   if max_len > cfg.max_seq_len:
     raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+  if cfg.attention_gate.enable:
+    from kvjax.decode.compact_cache import init_compact_cache  # noqa: PLC0415 (builds on this)
+    return init_compact_cache(cfg, batch, max_len)
   if cfg.moa_plan:
     from kvjax.decode.moa_cache import init_moa_cache  # noqa: PLC0415 (builds on this module)
     return init_moa_cache(cfg, batch, max_len)

@@ -43,6 +43,15 @@ def check_fits(prompt_len: int, max_new_tokens: int, cache_len: int) -> None:
         f"larger cache (at most model.max_seq_len)")
 
 
+def after_prefill(state: DecodeState, max_new_tokens: int) -> DecodeState:
+  """Lets a cache sized by what prefill kept (`after_prefill(room)`, e.g. compacted survivors)
+  shrink to that plus room for the tokens still to be written; other caches pass through.
+  Host side: the new sizes are static shapes."""
+  if hasattr(state.cache, "after_prefill"):
+    return state.replace(cache=state.cache.after_prefill(max_new_tokens - 1))
+  return state
+
+
 def decode_step(model: nn.Module, params, tokens_B, positions_B, cache):
   """One token per sequence through the model; returns (logits_BxV, cache)."""
   logits_Bx1xV, cache = model.apply({"params": params}, tokens_B[:, None],
@@ -132,5 +141,6 @@ def generate(model: nn.Module, params, prompts_BxT, prompt_lengths_B, *, max_new
   state = prefill(model, params, jnp.asarray(prompts_BxT, jnp.int32),
                   jnp.asarray(prompt_lengths, jnp.int32), cache, rng, sampling=sampling,
                   max_new_tokens=max_new_tokens, pad_id=pad_id)
+  state = after_prefill(state, max_new_tokens)
   state = decode_loop(model, params, state, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   return output_of(state, eos_id)

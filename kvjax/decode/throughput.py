@@ -11,7 +11,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.decode.cache import resolve_impl
-from kvjax.decode.generate import decode_loop, decode_step, prefill
+from kvjax.decode.generate import after_prefill, decode_loop, decode_step, prefill
 from kvjax.decode.sampling import SamplingConfig
 
 
@@ -55,10 +55,11 @@ def measure(model: nn.Module, params, cfg: ModelConfig, *, batch: int, prompt_le
 
   def run():
     cache = init_cache_for(cfg, batch, prompt_len + gen_len)
-    nbytes = cache.nbytes
     t0 = time.perf_counter()
-    state = _block(prefill(model, params, prompts, lengths, cache, rng, **kw))
+    state = _block(after_prefill(prefill(model, params, prompts, lengths, cache, rng, **kw),
+                                 gen_len))
     t1 = time.perf_counter()
+    nbytes = state.cache.nbytes  # what decode holds (a compacted cache shrinks after prefill)
     state = _block(decode_loop(model, params, state, sampling=sampling))
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, nbytes

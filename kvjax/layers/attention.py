@@ -105,7 +105,8 @@ class Attention(nn.Module):
         kv = (*kv, keep_BxTxK)
     if cache is not None:
       if self.owns_kv:
-        cache = cache.write(*kv, positions_BxT)
+        k_BxTxKxD, v_BxTxKxD, *keep = kv
+        cache = cache.write(k_BxTxKxD, v_BxTxKxD, positions_BxT, *keep)
       out_BxTxHxD = cache.attend(q_BxTxHxD, positions_BxT, impl=cfg.attention_impl, kv=kv)
     elif cfg.moa_plan:
       from kvjax.moa.prefill import plan_attention  # noqa: PLC0415 (kvjax.moa builds on layers)

@@ -1,0 +1,232 @@
+"""Attention-Gate: masked forward == prefill with eviction + decode, per-head flags, compacted
+cache bytes, the eviction loss, baselines keeping exactly their count, config errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+from helpers import random_tokens, tiny_model
+
+import kvjax
+from kvjax.config import ConfigError
+from kvjax.decode import init_cache
+from kvjax.decode.compact_cache import EMPTY, init_compact_cache
+from kvjax.gate import BASELINES, baseline_keep
+from kvjax.gate.baselines import attention_probs, evicted_prefill
+from kvjax.layers.attention import causal_mask, dot_product_attention
+from kvjax.training.loss import next_token_loss
+
+GATE = ("model.attention_gate.enable=true", "model.attention_gate.num_heads=2",
+        "model.attention_gate.head_dim=8", "model.attention_gate.num_sinks=2")
+
+
+def set_score_bias(params, bias_K):
+  """Every gate's per-head score bias set to `bias_K` (decides the flags outright when large),
+  the score kernel scaled so tokens still differ."""
+  flat = traverse_util.flatten_dict(params)
+  for path in flat:
+    if "gate" in path and "score" in path:
+      flat[path] = (jnp.asarray(bias_K, jnp.float32) if path[-1] == "bias"
+                    else flat[path] * 40.0)
+  return traverse_util.unflatten_dict(flat)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def run(model, params, tokens_BxT, positions_BxT=None, cache=None):
+  """The model applied under jit (eager dispatch of the cache updates is slow)."""
+  if cache is None:
+    return model.apply({"params": params}, tokens_BxT)
+  return model.apply({"params": params}, tokens_BxT, positions=positions_BxT, cache=cache)
+
+
+def gated(*overrides, bias=(-0.3, 0.3)):
+  cfg, model, params = tiny_model(*GATE, *overrides)
+  return cfg.model, model, set_score_bias(params, bias)
+
+
+def incremental(model, params, cfg, tokens_BxT, prompt_len):
+  """Prefill `prompt_len` tokens into the compacted cache, then one token per step."""
+  b, t = tokens_BxT.shape
+  cache = init_cache(cfg, b, t)
+  pos = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
+  logits, cache = run(model, params, tokens_BxT[:, :prompt_len], pos, cache)
+  cache = cache.after_prefill(t - prompt_len)
+  outs = [logits]
+  for i in range(prompt_len, t):
+    logits, cache = run(model, params, tokens_BxT[:, i:i + 1], jnp.full((b, 1), i), cache)
+    outs.append(logits)
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("sharing", ["model.num_kv_heads=2", "model.num_kv_heads=1",
+                                     "model.kv_sharing.factor=2"], ids=["gqa", "mqa", "cla2"])
+def test_masked_forward_equals_prefill_with_eviction_and_decode(sharing):
+  cfg, model, params = gated(sharing, "model.attention_gate.gate_decode=true",
+                             bias=(-0.3,) * (1 if "=1" in sharing else 2))
+  tokens = random_tokens(2, 20, seed=3)
+  full = run(model, params, tokens)
+  inc, cache = incremental(model, params, cfg, tokens, prompt_len=9)
+  np.testing.assert_allclose(inc, full, atol=2e-5, rtol=2e-5)
+  kept = cache.kept_counts()
+  assert (kept < 20).all() and (kept >= 2).all()  # evictions happened, sinks stayed
+
+
+def test_without_gating_on_write_decoded_tokens_are_all_appended():
+  cfg, model, params = gated()
+  tokens = random_tokens(2, 16, seed=4)
+  b, t, p = 2, 16, 10
+  cache = init_cache(cfg, b, t)
+  pos = jnp.broadcast_to(jnp.arange(p), (b, p))
+  _, cache = run(model, params, tokens[:, :p], pos, cache)
+  cache = cache.after_prefill(t - p)
+  before = cache.kept_counts()
+  assert (before < p).any()
+  for i in range(p, t):
+    _, cache = run(model, params, tokens[:, i:i + 1], jnp.full((b, 1), i), cache)
+  np.testing.assert_array_equal(cache.kept_counts(), before + (t - p))
+
+
+def test_flags_are_per_kv_head():
+  # Head 0 keeps everything, head 1 only its 2 sinks; query heads 0-1 read head 0.
+  cfg, model, params = gated(bias=(30.0, -30.0))
+  tokens = random_tokens(1, 12, seed=5)
+  cache = init_cache(cfg, 1, 12)
+  _, cache = run(model, params, tokens, jnp.arange(12)[None], cache)
+  np.testing.assert_array_equal(cache.kept_counts()[:, 0], [[12, 2]] * cfg.num_layers)
+  # The gate changes only the heads it evicts for: head 0's queries see all 12 tokens.
+  layer = cache.layers[0]
+  q = jax.random.normal(jax.random.key(0), (1, 1, cfg.num_heads, cfg.head_dim_))
+  q_pos = jnp.full((1, 1), 11)
+  dense_out = dot_product_attention(q[:, :, :2], layer.k[:, :12, None], layer.v[:, :12, None],
+                                    causal_mask(q_pos, jnp.arange(12)[None]))
+  np.testing.assert_allclose(layer.attend(q, q_pos, impl="xla")[:, :, :2], dense_out, atol=1e-6)
+
+
+def test_compacted_cache_bytes_are_kept_entries_times_entry_size():
+  cfg, model, params = gated()
+  tokens = random_tokens(1, 24, seed=6)
+  cache = init_cache(cfg, 1, 24)
+  _, cache = run(model, params, tokens, jnp.arange(24)[None], cache)
+  full_bytes = cache.nbytes
+  cache = cache.after_prefill(0)
+  kept = int(cache.kept_counts().sum())
+  entry = 2 * cfg.head_dim_ * 4 + 4  # K and V rows in float32, and the row's int32 position
+  assert kept < cfg.num_kv_layers * cfg.num_kv_heads * 24
+  assert cache.nbytes == kept * entry
+  assert full_bytes == cfg.num_kv_layers * cfg.num_kv_heads * 24 * entry
+
+
+def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts():
+  cfg, model, params = gated("model.attention_gate.gate_decode=true")
+  lengths = np.array([11, 7])
+  prompts = np.array(random_tokens(2, 11, seed=7))
+  prompts[1, 7:] = 0
+  out = kvjax.decode.generate(model, params, prompts, lengths, max_new_tokens=6,
+                              rng=jax.random.key(0), cache=init_cache(cfg, 2, 17))
+  for b in range(2):
+    seq = np.concatenate([prompts[b, :lengths[b]], np.asarray(out.tokens[b])])
+    logits = run(model, params, jnp.asarray(seq[None, :-1]))
+    np.testing.assert_array_equal(np.argmax(logits[0, lengths[b] - 1:], -1), out.tokens[b])
+
+
+def test_eviction_loss_moves_the_kept_fraction_to_the_target():
+  cfg, model, params = tiny_model(*GATE, "model.attention_gate.keep_ratio=0.4",
+                                  "model.attention_gate.loss_weight=10.0")
+  gate = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" in p}
+  frozen = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" not in p}
+  merge = lambda g: traverse_util.unflatten_dict({**frozen, **g})
+  opt = optax.adam(3e-2)
+  tokens = random_tokens(4, 33, seed=8)
+
+  @jax.jit
+  def step(g, state):
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda g: next_token_loss(model, merge(g), tokens, None), has_aux=True)(g)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(g, updates), state, metrics
+
+  state = opt.init(gate)
+  _, _, first = step(gate, state)
+  for _ in range(60):
+    gate, state, metrics = step(gate, state)
+  kept = {k: 1 - np.asarray(v) for k, v in metrics.items() if k.endswith("evict_ratio")}
+  assert set(kept) == {f"layer_{i}/attn/gate/evict_ratio" for i in range(cfg.model.num_layers)}
+  assert all(np.asarray(first[k]).max() < 0.05 for k in kept)  # starts keeping everything
+  for k, v in kept.items():
+    assert v.shape == (cfg.model.num_kv_heads,)
+    assert abs(v.mean() - 0.4) < 0.08, (k, v)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_keeps_exactly_the_requested_count(method):
+  q = jax.random.normal(jax.random.key(1), (2, 40, 4, 8))
+  k = jax.random.normal(jax.random.key(2), (2, 40, 2, 8))
+  probs = attention_probs(q, k)
+  for n in (1, 7, 40):
+    keep = baseline_keep(method, n, probs, (2, 2), 40, jax.random.key(3))
+    assert keep.shape == (2, 40, 2)
+    np.testing.assert_array_equal(keep.sum(axis=1), n)
+
+
+@pytest.mark.parametrize("method", ["streaming_llm", "snapkv"])
+def test_baseline_cache_keeps_the_count_and_decodes(method):
+  cfg, model, params = tiny_model("model.kv_sharing.factor=2")
+  tokens = random_tokens(2, 40, seed=9)
+  _, cache = evicted_prefill(model, params, tokens[:, :36], method, n=10, room=4,
+                             rng=jax.random.key(0))
+  np.testing.assert_array_equal(cache.kept_counts(), 10)
+  logits, cache = run(model, params, tokens[:, 36:], jnp.broadcast_to(jnp.arange(36, 40), (2, 4)),
+                      cache)
+  assert np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_array_equal(cache.kept_counts(), 14)
+  if method == "streaming_llm":  # sinks and the most recent tokens, in position order
+    pos = np.asarray(cache.layers[0].pos[0, :14])
+    np.testing.assert_array_equal(pos, [0, 1, 2, 3, *range(30, 40)])
+
+
+def test_compacted_attention_equals_dense_attention_under_the_keep_mask():
+  cfg, _, _ = gated()
+  b, s, kh = 2, 30, cfg.num_kv_heads
+  k, v = (jax.random.normal(jax.random.key(i), (b, s, kh, cfg.head_dim_)) for i in (1, 2))
+  keep = jax.random.bernoulli(jax.random.key(3), 0.4, (b, s, kh))
+  pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  layer = init_compact_cache(cfg, b, s).layers[0].write(k, v, pos, keep)
+  q = jax.random.normal(jax.random.key(4), (b, 5, cfg.num_heads, cfg.head_dim_))
+  q_pos = pos[:, [0, 7, 8, 20, 29]]
+  causal_BxTxS = causal_mask(q_pos, pos)
+  self_BxTxS = pos[:, None, :] == q_pos[:, :, None]
+  mask_BxKxTxS = causal_BxTxS[:, None] & (jnp.moveaxis(keep, 2, 1)[:, :, None] | self_BxTxS[:, None])
+  np.testing.assert_allclose(layer.attend(q, q_pos, impl="xla"),
+                             dot_product_attention(q, k, v, mask_BxKxTxS), atol=1e-6)
+
+
+def test_compacted_cache_pallas_decode_matches_xla():
+  cfg, model, params = gated("model.attention_impl=pallas")
+  tokens = random_tokens(1, 60, seed=11)
+  cache = init_cache(cfg, 1, 64)
+  _, cache = run(model, params, tokens, jnp.arange(60)[None], cache)
+  cache = cache.after_prefill(2)
+  layer = cache.layers[0]
+  assert all(s % 64 == 0 for s in layer.sizes)
+  q = jax.random.normal(jax.random.key(0), (1, 1, cfg.num_heads, cfg.head_dim_))
+  layer = layer.write(*(jax.random.normal(jax.random.key(i), (1, 1, cfg.num_kv_heads,
+                                                               cfg.head_dim_)) for i in (1, 2)),
+                      jnp.full((1, 1), 60))
+  np.testing.assert_allclose(layer.attend(q, jnp.full((1, 1), 60), impl="pallas"),
+                             layer.attend(q, jnp.full((1, 1), 60), impl="xla"), atol=1e-5)
+  assert int(((layer.pos >= 0) & (layer.pos < EMPTY)).sum()) == cache.kept_counts()[0].sum() + 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attention_gate.threshold=1.5", "model.attention_gate.threshold"),
+    ("model.attention_gate.keep_ratio=0", "model.attention_gate.keep_ratio"),
+    ("model.attention_gate.heads=2", "model.attention_gate.heads"),
+    ("train.freeze_base=true", "train.freeze_base"),
+])
+def test_bad_gate_config_is_one_clear_error(override, message):
+  with pytest.raises(ConfigError, match=message):
+    kvjax.load_config(None, [override])
