@@ -20,6 +20,7 @@ import yaml
 from kvjax.config import Config, ConfigError
 from kvjax.io.errors import CheckpointError
 from kvjax.models import build_model
+from kvjax.training.base import load_base, merge_params, split_params
 from kvjax.training.state import TrainState, init_params
 
 CONFIG_FILE = "config.yaml"
@@ -137,5 +138,9 @@ def restore_params(workdir: str | Path, cfg: Config):
                             f"`python train.py --workdir {workdir}`")
     init = functools.partial(init_params, build_model(cfg.model), cfg.data.seq_len)
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    base = load_base(cfg.model, cfg.train) if cfg.train.freeze_base else None
+    if base is not None:  # the run trained and saved only what its frozen base lacks
+      abstract = split_params(abstract, base)[0]
     _check_params(manager, step, abstract)
-    return _restore(manager, step, params=ocp.args.StandardRestore(abstract)).params
+    params = _restore(manager, step, params=ocp.args.StandardRestore(abstract)).params
+    return merge_params(base, params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import optax
 
@@ -20,12 +21,21 @@ LossFn = Callable[[nn.Module, dict, jax.Array, jax.Array], tuple[jax.Array, dict
 
 
 def next_token_loss(model: nn.Module, params, tokens_BxT1: jax.Array, rng: jax.Array):
-  """Mean cross-entropy of every next token, in nats/token (nats/byte for byte-level text)."""
+  """Mean cross-entropy of every next token, in nats/token (nats/byte for byte-level text).
+
+  Layers may add terms by sowing into `losses` (an attention gate's eviction loss) and report
+  values by sowing into `metrics` (logged under their module path); the cross-entropy alone is
+  then logged as `lm_loss`.
+  """
   del rng  # deterministic forward pass
   inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-  logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+  logits_BxTxV, sown = model.apply({"params": params}, inputs_BxT, mutable=["losses", "metrics"])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
-  return loss, {}
+  if not sown:
+    return loss, {}
+  reported = traverse_util.flatten_dict(sown.get("metrics", {}), sep="/")
+  metrics = {name: values[0] for name, values in reported.items()}
+  return loss + sum(jax.tree.leaves(sown.get("losses", {}))), {"lm_loss": loss, **metrics}
 
 
 LOSS_FNS: dict[str, LossFn] = {}

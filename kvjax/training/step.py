@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import optax
 
 from kvjax.config import ModelConfig, TrainConfig
 from kvjax.models import build_model
+from kvjax.training.base import load_base, merge_params
 from kvjax.training.loss import loss_fn_for
 from kvjax.training.optimizer import lr_schedule, make_optimizer
 from kvjax.training.state import TrainState, init_state
@@ -20,13 +21,14 @@ def make_train_step(model, loss_fn, optimizer, schedule):
 
   def train_step(state: TrainState, tokens_BxT1):
     rng, step_rng = jax.random.split(state.rng)
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)
+    objective = lambda params, *a: loss_fn(model, merge_params(state.frozen, params), *a)
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, tokens_BxT1, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
   return jax.jit(train_step, donate_argnums=0)
 
@@ -42,6 +44,7 @@ def make_eval_step(model, loss_fn):
 
 class Steps(NamedTuple):
   init: Callable  # rng -> TrainState at step 0, placed on the first local device
+  frozen: Any  # the frozen base parameters (`train.freeze_base`), else None
   train_step: Callable  # (state, tokens_BxT1) -> (state, metrics)
   eval_step: Callable  # (params, tokens_BxT1) -> loss
 
@@ -56,7 +59,10 @@ def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, seq_len: int)
   # Placed explicitly, so that a fresh state and a restored one (orbax places arrays) have the
   # same placement and share one compiled training step.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  init = jax.jit(functools.partial(init_state, model, optimizer, seq_len), out_shardings=device)
-  return Steps(init=init,
+  base = load_base(model_cfg, train_cfg)
+  init = jax.jit(functools.partial(init_state, model, optimizer, seq_len,
+                                   freeze_base=train_cfg.freeze_base), out_shardings=device)
+  return Steps(init=functools.partial(init, base=base),
+               frozen=jax.device_put(base, device) if train_cfg.freeze_base else None,
                train_step=make_train_step(model, loss_fn, optimizer, lr_schedule(train_cfg)),
                eval_step=make_eval_step(model, loss_fn))

@@ -68,8 +68,10 @@ def _restore_or_init(manager, steps: Steps, seed: int, data_iter) -> TrainState:
   rng = jax.random.PRNGKey(seed)
   step = manager.latest_step()
   if step is None:
-    return steps.init(rng)
-  return checkpoint.restore(manager, step, jax.eval_shape(steps.init, rng), data_iter)
+    state = steps.init(rng)
+  else:
+    state = checkpoint.restore(manager, step, jax.eval_shape(steps.init, rng), data_iter)
+  return state.replace(frozen=steps.frozen)
 
 
 def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainResult:
@@ -122,7 +124,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
           postfix["loss"] = f"{logged['loss']:.4f}"
           history = []
         if evaluate_now:
-          val_loss = evaluate(steps.eval_step, state.params, data.val_batches)
+          val_loss = evaluate(steps.eval_step, state.model_params, data.val_batches)
           writer.write(step, {"val_loss": val_loss})
           postfix["val_loss"] = f"{val_loss:.4f}"
         if save_now:
@@ -130,11 +132,11 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         bar.set_postfix(postfix)
         clock.mark(step)
     if val_loss is None:  # nothing left to train: the run was complete already
-      val_loss = evaluate(steps.eval_step, state.params, data.val_batches)
+      val_loss = evaluate(steps.eval_step, state.model_params, data.val_batches)
     samples = ()
     if tcfg.sample_tokens:
       rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
-      samples = tuple(generate_samples(build_model(cfg.model), state.params, cfg, data.tokenizer,
+      samples = tuple(generate_samples(build_model(cfg.model), state.model_params, cfg, data.tokenizer,
                                        prompt_ids, rng))
     return TrainResult(step=step, val_loss=val_loss, samples=samples,
                        tokens_per_s=clock.total_rate())
