@@ -16,11 +16,11 @@ from tests.helpers import random_tokens, tiny_model
 SIX = "model.num_layers=6"
 PATTERNS = {
     "cla2_mqa": (SIX, "model.num_kv_heads=1", "model.kv_sharing.factor=2"),
-    "cla3_mqa": (SIX, "model.num_kv_heads=1", "model.kv_sharing.factor=3"),
+    "cla3_mha": (SIX, "model.num_kv_heads=4", "model.kv_sharing.factor=3"),
     # The last three layers reuse layer 2, after a pair: any valid pattern, here with GQA.
     "irregular_gqa": (SIX, "model.num_kv_heads=2", "model.kv_sharing.producer_of=[0,0,2,2,2,2]"),
 }
-EXPECTED_PRODUCER_OF = {"cla2_mqa": (0, 0, 2, 2, 4, 4), "cla3_mqa": (0, 0, 0, 3, 3, 3),
+EXPECTED_PRODUCER_OF = {"cla2_mqa": (0, 0, 2, 2, 4, 4), "cla3_mha": (0, 0, 0, 3, 3, 3),
                         "irregular_gqa": (0, 0, 2, 2, 2, 2)}
 
 
