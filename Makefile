@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) --upgrade pip
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[test,bpe]"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
 	touch $@
 
 run: setup
