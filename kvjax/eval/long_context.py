@@ -1,8 +1,8 @@
 """Run the synthetic long-context tasks on a model and report accuracy by length and depth.
 
-Retrieval tasks generate greedily through `kvjax.decode.generate` with the cache that
-`kvjax.decode.init_cache` builds for the model's config, so a compressed cache is scored as it
-decodes. Associative recall is teacher-forced: a query counts when every token of its answer is
+Retrieval tasks generate greedily with the cache that `kvjax.decode.init_cache` builds for the
+model's config (chunked prefill, then `kvjax.decode.decode_loop`), so a compressed cache is
+scored as it decodes. Associative recall is teacher-forced: a query counts when every token of its answer is
 the model's argmax (what greedy decoding would produce).
 """
 
@@ -14,11 +14,13 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ModelConfig
-from kvjax.decode import generate, init_cache
-from kvjax.eval.scoring import LogitsFn, score_spans
+from kvjax.decode import SamplingConfig, decode_loop, init_cache
+from kvjax.decode.generate import DecodeState, check_fits, output_of
+from kvjax.eval.scoring import LogitsFn, prefill_chunks, score_spans
 from kvjax.eval.synthetic import RecallSample, Sample
 
 _NUMBER = re.compile(r"\d+")
@@ -33,9 +35,35 @@ def _pad_to(n: int, multiple: int = 256) -> int:
   return -(-n // multiple) * multiple
 
 
+def _chunked_generate(model: nn.Module, params, cfg: ModelConfig, tokens_BxT: np.ndarray,
+                      lengths_B: np.ndarray, *, max_new_tokens: int, eos_id, pad_id: int,
+                      chunk: int):
+  """Greedy generation whose prefill runs in chunks (long prompts fit in memory), then the
+  same jitted decode loop as `kvjax.decode.generate`."""
+  b, t = tokens_BxT.shape
+  check_fits(int(lengths_B.max()), max_new_tokens, cfg.max_seq_len)
+  cache = init_cache(cfg, b, min(cfg.max_seq_len, t + max_new_tokens))
+  last_B = jnp.asarray(lengths_B - 1)
+  last_BxV = None
+  for start, logits_BxCxV, cache in prefill_chunks(model, params, tokens_BxT, cache, chunk):
+    width = logits_BxCxV.shape[1]
+    at_BxV = jnp.take_along_axis(logits_BxCxV, jnp.clip(last_B - start, 0, width - 1)[:, None, None],
+                                 axis=1)[:, 0]
+    here_B = (last_B >= start) & (last_B < start + width)
+    last_BxV = at_BxV if last_BxV is None else jnp.where(here_B[:, None], at_BxV, last_BxV)
+  first_B = jnp.argmax(last_BxV, axis=-1).astype(jnp.int32)
+  state = DecodeState(tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B),
+                      last=first_B, positions=jnp.asarray(lengths_B, jnp.int32),
+                      done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32),
+                      rng=jax.random.key(0), cache=cache)
+  state = decode_loop(model, params, state, sampling=SamplingConfig(), eos_id=eos_id,
+                      pad_id=pad_id)
+  return output_of(state, eos_id)
+
+
 def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
-                     prompts: Sequence[str], *, max_new_tokens: int = 12,
-                     batch_size: int = 1) -> list[str]:
+                     prompts: Sequence[str], *, max_new_tokens: int = 12, batch_size: int = 1,
+                     chunk: int = 256) -> list[str]:
   """Greedy continuations of `prompts`, batched and right-padded to multiples of 256 tokens
   (fewer compilations) where the model's context allows."""
   bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
@@ -51,10 +79,9 @@ def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
     for r, i in enumerate(group):
       tokens_BxT[r, :len(encoded[i])] = encoded[i]
       lengths_B[r] = len(encoded[i])
-    cache_len = min(cfg.max_seq_len, width + max_new_tokens)
-    out = generate(model, params, tokens_BxT, lengths_B, max_new_tokens=max_new_tokens,
-                   rng=jax.random.key(0), cache=init_cache(cfg, batch_size, cache_len),
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    out = _chunked_generate(model, params, cfg, tokens_BxT, lengths_B,
+                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id, chunk=chunk)
     tokens, lengths = jax.device_get((out.tokens, out.lengths))
     for r, i in enumerate(group):
       outputs[i] = tokenizer.decode(tokens[r, :lengths[r]])

@@ -9,6 +9,7 @@ cache takes when it decodes, so the same eval scores dense and compressed varian
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -27,22 +28,30 @@ def forward_logits(model: nn.Module, params) -> LogitsFn:
   return lambda tokens_BxT: apply(params, jnp.asarray(tokens_BxT, jnp.int32))
 
 
-def cached_logits(model: nn.Module, params, cfg: ModelConfig, chunk: int = 256) -> LogitsFn:
-  """Logits from chunked prefill through the model's cache (as `decode.generate` builds it)."""
-  @jax.jit
+def prefill_chunks(model: nn.Module, params, tokens_BxT: np.ndarray, cache, chunk: int):
+  """Yields `(start, logits_BxCxV, cache)` while writing `tokens_BxT` into `cache` `chunk`
+  positions at a time: attention memory grows as chunk x T rather than T x T."""
+  step = _cache_step(model)
+  for start in range(0, tokens_BxT.shape[1], chunk):
+    part_BxC = jnp.asarray(tokens_BxT[:, start:start + chunk], jnp.int32)
+    positions_BxC = jnp.broadcast_to(jnp.arange(start, start + part_BxC.shape[1]), part_BxC.shape)
+    logits_BxCxV, cache = step(params, part_BxC, positions_BxC, cache)
+    yield start, logits_BxCxV, cache
+
+
+@functools.cache
+def _cache_step(model: nn.Module):
   def step(p, tokens_BxC, positions_BxC, cache):
     return model.apply({"params": p}, tokens_BxC, positions=positions_BxC, cache=cache)
+  return jax.jit(step, donate_argnames=("cache",))
 
+
+def cached_logits(model: nn.Module, params, cfg: ModelConfig, chunk: int = 256) -> LogitsFn:
+  """Logits from chunked prefill through the model's cache (as `decode.generate` builds it)."""
   def run(tokens_BxT):
-    b, t = tokens_BxT.shape
-    cache = init_cache(cfg, b, t)
-    out = []
-    for start in range(0, t, chunk):
-      part_BxC = jnp.asarray(tokens_BxT[:, start:start + chunk], jnp.int32)
-      positions_BxC = jnp.broadcast_to(jnp.arange(start, start + part_BxC.shape[1]), part_BxC.shape)
-      logits_BxCxV, cache = step(params, part_BxC, positions_BxC, cache)
-      out.append(logits_BxCxV)
-    return jnp.concatenate(out, axis=1)
+    cache = init_cache(cfg, tokens_BxT.shape[0], tokens_BxT.shape[1])
+    chunks = prefill_chunks(model, params, tokens_BxT, cache, chunk)
+    return jnp.concatenate([logits_BxCxV for _, logits_BxCxV, _ in chunks], axis=1)
 
   return run
 
