@@ -34,7 +34,6 @@ from kvjax.cli import usage_errors  # noqa: E402
 from kvjax.data.pipeline import make_data  # noqa: E402
 from kvjax.models import block_transformer  # noqa: E402
 from kvjax.training import restore_params, train  # noqa: E402
-from kvjax.training.loss import LOSS_FNS  # noqa: E402
 
 MODELS = {"vanilla": "configs/vanilla_5m.yaml", "block": "configs/block_5m.yaml"}
 PAPER_RATIO = 1.19
@@ -78,7 +77,6 @@ def main() -> None:
   p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for both configs")
   args = p.parse_args()
   # The block model's objective (until the trainer's registry names it).
-  LOSS_FNS.setdefault("block_transformer", block_transformer.loss)
   results = {}
   with usage_errors():
     cfgs = {name: kvjax.load_config(path, args.overrides) for name, path in MODELS.items()}

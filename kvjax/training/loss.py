@@ -17,6 +17,8 @@ from flax import traverse_util
 import jax
 import optax
 
+from kvjax.models import block_transformer
+
 LossFn = Callable[[nn.Module, dict, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -38,7 +40,7 @@ def next_token_loss(model: nn.Module, params, tokens_BxT1: jax.Array, rng: jax.A
   return loss + sum(jax.tree.leaves(sown.get("losses", {}))), {"lm_loss": loss, **metrics}
 
 
-LOSS_FNS: dict[str, LossFn] = {}
+LOSS_FNS: dict[str, LossFn] = {"block_transformer": block_transformer.loss}
 
 
 def loss_fn_for(kind: str) -> LossFn:
