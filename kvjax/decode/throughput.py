@@ -31,8 +31,15 @@ def attention_kind(cfg: ModelConfig) -> str:
 
 
 def method_name(cfg: ModelConfig) -> str:
-  """A short tag for what the cache is: model kind and attention sharing."""
-  return f"{cfg.kind}/{attention_kind(cfg)}"
+  """A short tag for what the cache is: model kind, attention sharing and compression method."""
+  parts = [cfg.kind, attention_kind(cfg)]
+  if cfg.num_kv_layers < cfg.num_layers:
+    parts.append(f"cla[{cfg.num_kv_layers}of{cfg.num_layers}]")  # layers that own K/V
+  if cfg.moa_plan:
+    parts.append("moa")
+  if cfg.attention_gate.enable:
+    parts.append("gate")
+  return "/".join(parts)
 
 
 def _block(tree):
