@@ -12,11 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kvjax
+from kvjax import sharding
 from kvjax.cli import UsageError, add_config_args, usage_errors
 from kvjax.decode import SamplingConfig, generate, init_cache
 from kvjax.decode.throughput import measure
@@ -80,6 +82,16 @@ def load_params(cfg, checkpoint: str | None):
   return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
+def placed_on_mesh(cfg, model, params, batch: int, max_len: int):
+  """`params` and a fresh cache placed by `kvjax.sharding` on the mesh `cfg.mesh` describes
+  (one device: a 1x1x1 mesh, the same as no placement)."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  boxed = sharding.abstract_params(model, cfg.data.seq_len)
+  params = jax.device_put(nn.unbox(params), sharding.logical_shardings(boxed, mesh))
+  init = lambda: init_cache(cfg.model, batch, max_len)
+  return params, sharding.create_sharded(init, sharding.cache_shardings(jax.eval_shape(init), mesh))
+
+
 def generate_text(cfg, model, params, args) -> dict:
   from kvjax.data.tokenizers import get_tokenizer  # noqa: PLC0415
   tok = get_tokenizer(cfg.data.tokenizer)
@@ -88,8 +100,9 @@ def generate_text(cfg, model, params, args) -> dict:
     raise UsageError(f"prompt ({len(ids)} tokens) + --gen-len {args.gen_len} exceeds "
                      f"model.max_seq_len={cfg.model.max_seq_len}")
   prompts = np.tile(ids[None], (args.batch, 1))
+  params, cache = placed_on_mesh(cfg, model, params, args.batch, len(ids) + args.gen_len)
   out = generate(model, params, prompts, np.full(args.batch, len(ids)), max_new_tokens=args.gen_len,
-                 rng=jax.random.key(args.seed), cache=init_cache(cfg.model, args.batch, len(ids) + args.gen_len),
+                 rng=jax.random.key(args.seed), cache=cache,
                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                  eos_id=tok.eos_id, pad_id=tok.pad_id)
   texts = [tok.decode(out.tokens[b, : int(out.lengths[b])]) for b in range(args.batch)]

@@ -31,19 +31,23 @@ def parse_args(argv):
                       "train.steps); run again to continue")
   p.add_argument("overrides", nargs="*", metavar="key=value",
                  help="config overrides, e.g. model.num_layers=4 train.steps=30")
+  from kvjax import distributed  # noqa: PLC0415 (imports jax, which --help does not need)
+  distributed.add_flags(p)
   return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  # Imported after parsing so that `--help` and flag errors are instant.
+  # Imported after parsing so that `--help` and flag errors do not wait for the training stack.
   import jax  # noqa: PLC0415
 
   import kvjax  # noqa: PLC0415
+  from kvjax import distributed  # noqa: PLC0415
   from kvjax.cli import UsageError, usage_errors  # noqa: PLC0415
   from kvjax.training import NonFiniteLossError, train  # noqa: PLC0415
 
   with usage_errors():
+    distributed.initialize(distributed.config_from(args))  # before anything touches a device
     cfg = kvjax.load_config(args.config, args.overrides)
     if args.stop_at is not None and args.stop_at < 1:
       raise UsageError(f"--stop-at must be >= 1, got {args.stop_at}")

@@ -7,8 +7,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import optax
+from flax import traverse_util
 
-from kvjax.config import ModelConfig, TrainConfig
+from kvjax import sharding
+from kvjax.config import MeshConfig, ModelConfig, TrainConfig
 from kvjax.models import build_model
 from kvjax.training.base import load_base, merge_params
 from kvjax.training.loss import loss_fn_for
@@ -17,7 +19,7 @@ from kvjax.training.state import TrainState, init_state
 
 
 def make_train_step(model, loss_fn, optimizer, schedule):
-  """`(state, tokens_BxT1) -> (state, metrics)`; the state is donated (updated in place)."""
+  """`(state, tokens_BxT1) -> (state, metrics)`, to be jitted on a mesh (`sharding.shard_step`)."""
 
   def train_step(state: TrainState, tokens_BxT1):
     rng, step_rng = jax.random.split(state.rng)
@@ -30,7 +32,7 @@ def make_train_step(model, loss_fn, optimizer, schedule):
                "lr": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  return train_step
 
 
 def make_eval_step(model, loss_fn):
@@ -39,30 +41,56 @@ def make_eval_step(model, loss_fn):
   def eval_step(params, tokens_BxT1):
     return loss_fn(model, params, tokens_BxT1, jax.random.PRNGKey(0))[0]
 
-  return jax.jit(eval_step)
+  return eval_step
+
+
+def entries_like(tree, like):
+  """The entries of the nested dict `tree` at the paths `like` has: e.g. the logical names or
+  shardings of only what a frozen base leaves to train, or of only the base."""
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({path: flat[path]
+                                       for path in traverse_util.flatten_dict(like)})
 
 
 class Steps(NamedTuple):
-  init: Callable  # rng -> TrainState at step 0, placed on the first local device
+  mesh: jax.sharding.Mesh  # every device of every process, shaped by `cfg.mesh`
+  init: Callable  # rng -> TrainState at step 0, sharded on `mesh`
+  abstract: Any  # the state's shapes and shardings on `mesh`: what a checkpoint restores onto
   frozen: Any  # the frozen base parameters (`train.freeze_base`), else None
   train_step: Callable  # (state, tokens_BxT1) -> (state, metrics)
   eval_step: Callable  # (params, tokens_BxT1) -> loss
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, seq_len: int) -> Steps:
+def compiled_steps(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig,
+                   seq_len: int) -> Steps:
   """The run's jitted functions, built once per process per config: a run resumed in the same
   process (or a second run of one config) reuses the compiled programs."""
   model = build_model(model_cfg)
   loss_fn = loss_fn_for(model_cfg.kind)
   optimizer = make_optimizer(train_cfg)
-  # Placed explicitly, so that a fresh state and a restored one (orbax places arrays) have the
-  # same placement and share one compiled training step.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  mesh = sharding.make_mesh(mesh_cfg)
   base = load_base(model_cfg, train_cfg)
-  init = jax.jit(functools.partial(init_state, model, optimizer, seq_len,
-                                   freeze_base=train_cfg.freeze_base), out_shardings=device)
-  return Steps(init=functools.partial(init, base=base),
-               frozen=jax.device_put(base, device) if train_cfg.freeze_base else None,
-               train_step=make_train_step(model, loss_fn, optimizer, lr_schedule(train_cfg)),
-               eval_step=make_eval_step(model, loss_fn))
+  init = functools.partial(init_state, model, optimizer, seq_len,
+                           freeze_base=train_cfg.freeze_base)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0), base)
+  boxed = sharding.abstract_params(model, seq_len)
+  shardings = sharding.state_shardings(abstract, entries_like(boxed, abstract.params), optimizer,
+                                       mesh)
+  model_shardings = sharding.logical_shardings(boxed, mesh)
+  frozen_shardings = entries_like(model_shardings, base) if train_cfg.freeze_base else None
+  batch_shape = (train_cfg.batch_size, seq_len + 1)
+  # Placed explicitly, so that a fresh state and a restored one share one compiled training
+  # step. (`jax.eval_shape` of the jitted init bound to `base` would lose the shardings, and
+  # orbax would then restore onto the mesh the checkpoint was saved from.)
+  return Steps(
+      mesh=mesh,
+      init=functools.partial(jax.jit(init, out_shardings=shardings), base=base),
+      abstract=sharding.with_shardings(abstract, shardings),
+      frozen=None if frozen_shardings is None else jax.device_put(base, frozen_shardings),
+      train_step=sharding.shard_step(
+          make_train_step(model, loss_fn, optimizer, lr_schedule(train_cfg)), mesh,
+          shardings.replace(frozen=frozen_shardings), batch_shape),
+      eval_step=jax.jit(make_eval_step(model, loss_fn),
+                        in_shardings=(model_shardings, sharding.batch_sharding(mesh, batch_shape)),
+                        out_shardings=sharding.replicated(mesh)))

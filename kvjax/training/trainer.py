@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from kvjax import sharding
 from kvjax.config import Config
 from kvjax.data.pipeline import make_data
 from kvjax.models import build_model
@@ -44,7 +45,7 @@ class TrainResult:
   tokens_per_s: float | None  # training throughput of this call (None: under 2 steps ran)
 
 
-def evaluate(eval_step, params, batches: list[np.ndarray]) -> float:
+def evaluate(eval_step, params, batches: list[jax.Array]) -> float:
   """Mean loss over the fixed validation batches (all of one size, so mean nats/token)."""
   return float(np.mean(jax.device_get([eval_step(params, b) for b in batches])))
 
@@ -65,12 +66,11 @@ def _check_finite(history: list[dict], first_step: int, manager) -> None:
 
 
 def _restore_or_init(manager, steps: Steps, seed: int, data_iter) -> TrainState:
-  rng = jax.random.PRNGKey(seed)
   step = manager.latest_step()
   if step is None:
-    state = steps.init(rng)
+    state = steps.init(jax.random.PRNGKey(seed))
   else:
-    state = checkpoint.restore(manager, step, jax.eval_shape(steps.init, rng), data_iter)
+    state = checkpoint.restore(manager, step, steps.abstract, data_iter)
   return state.replace(frozen=steps.frozen)
 
 
@@ -84,7 +84,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
   checkpoint.check_data_config(workdir, cfg)
   data = make_data(cfg)
   prompt_ids = sample_prompt_ids(cfg, data.tokenizer)
-  steps = compiled_steps(cfg.model, cfg.train, cfg.data.seq_len)
+  steps = compiled_steps(cfg.model, cfg.train, cfg.mesh, cfg.data.seq_len)
+  val_batches = [sharding.global_batch(b, steps.mesh) for b in data.val_batches]
   tcfg = cfg.train
   last = min(tcfg.steps, stop_at or tcfg.steps)
   is_main = jax.process_index() == 0
@@ -100,7 +101,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         total=tcfg.steps, initial=step, unit="step", disable=not is_main,
         dynamic_ncols=True) as bar:
       while step < last:
-        state, metrics = steps.train_step(state, next(data.train))
+        state, metrics = steps.train_step(state, sharding.global_batch(next(data.train),
+                                                                       steps.mesh))
         step += 1
         unchecked.append(metrics)
         bar.update()
@@ -124,7 +126,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
           postfix["loss"] = f"{logged['loss']:.4f}"
           history = []
         if evaluate_now:
-          val_loss = evaluate(steps.eval_step, state.model_params, data.val_batches)
+          val_loss = evaluate(steps.eval_step, state.model_params, val_batches)
           writer.write(step, {"val_loss": val_loss})
           postfix["val_loss"] = f"{val_loss:.4f}"
         if save_now:
@@ -132,7 +134,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         bar.set_postfix(postfix)
         clock.mark(step)
     if val_loss is None:  # nothing left to train: the run was complete already
-      val_loss = evaluate(steps.eval_step, state.model_params, data.val_batches)
+      val_loss = evaluate(steps.eval_step, state.model_params, val_batches)
     samples = ()
     if tcfg.sample_tokens:
       rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
