@@ -16,12 +16,14 @@ def built():
 
 
 def greedy_by_full_forward(model, params, prompt, n):
-  """Reference: re-run the whole sequence each step and take the argmax."""
-  seq = list(np.asarray(prompt))
-  for _ in range(n):
-    logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
+  """Reference: run the whole sequence (in a fixed-width causal buffer) each step, take the argmax."""
+  forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+  length = len(prompt)
+  seq = np.zeros((1, length + n), np.int32)
+  seq[0, :length] = np.asarray(prompt)
+  for t in range(length, length + n):
+    seq[0, t] = int(jnp.argmax(forward(seq)[0, t - 1]))
+  return list(seq[0, length:])
 
 
 def test_greedy_generate_matches_full_forward_argmax(built):
