@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ModelConfig
-from kvjax.decode.cache import resolve_impl, tree_nbytes
+from kvjax.decode.cache import KVCache, resolve_impl, tree_nbytes
 from kvjax.layers.attention import dot_product_attention
 from kvjax.moa.masks import decode_mask
 from kvjax.moa.plan import LayerLayout, layer_layouts
@@ -107,18 +107,8 @@ class MoALayerCache:
 
 
 @flax.struct.dataclass
-class MoACache:
+class MoACache(KVCache):
   """The model's cache under a MoA plan: one `MoALayerCache` per layer."""
-
-  layers: tuple
-
-  @property
-  def nbytes(self) -> int:
-    return sum(layer.nbytes for layer in self.layers)
-
-  @property
-  def max_len(self) -> int:
-    return self.layers[0].max_len
 
   def with_prompt_lengths(self, prompt_lengths_B: jax.Array) -> MoACache:
     lengths = jnp.asarray(prompt_lengths_B, jnp.int32)
