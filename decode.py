@@ -93,9 +93,14 @@ def placed_on_mesh(cfg, model, params, batch: int, max_len: int):
 
 
 def generate_text(cfg, model, params, args) -> dict:
-  from kvjax.data.tokenizers import get_tokenizer  # noqa: PLC0415
-  tok = get_tokenizer(cfg.data.tokenizer)
-  ids = tok.encode(args.prompt)
+  from kvjax.io import tokenizer_for  # noqa: PLC0415
+  tok = tokenizer_for(cfg)  # the checkpoint's own tokenizer when model.weights is set
+  text, sep = args.prompt, ""
+  if getattr(tok, "chat_template", None):  # chat models answer the prompt as a user turn
+    text, sep = tok.apply_chat_template([{"role": "user", "content": args.prompt}]), "\n"
+  ids = tok.encode(text)
+  if getattr(tok, "add_bos", False):
+    ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
   if len(ids) + args.gen_len > cfg.model.max_seq_len:
     raise UsageError(f"prompt ({len(ids)} tokens) + --gen-len {args.gen_len} exceeds "
                      f"model.max_seq_len={cfg.model.max_seq_len}")
@@ -107,7 +112,7 @@ def generate_text(cfg, model, params, args) -> dict:
                  eos_id=tok.eos_id, pad_id=tok.pad_id)
   texts = [tok.decode(out.tokens[b, : int(out.lengths[b])]) for b in range(args.batch)]
   for text in texts:
-    print(f"--- {args.prompt}{text}")
+    print(f"--- {args.prompt}{sep}{text}")
   return {"prompt": args.prompt, "samples": texts}
 
 

@@ -63,3 +63,10 @@ def test_bad_input_exits_2_with_one_line(configs, argv, message, tmp_path):
   assert proc.returncode == 2
   assert message in proc.stderr and "Traceback" not in proc.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_chat_with_a_pretrained_checkpoint_uses_its_template():
+  proc = run("--config", "configs/smollm2_135m.yaml", "--prompt", "What is the capital of France?",
+             "--temperature", "0", "--batch", "1", "--gen-len", "12")
+  assert proc.returncode == 0, proc.stderr
+  assert "The capital of France is Paris." in proc.stdout
