@@ -91,17 +91,6 @@ def measure(text_dir: Path, out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("text")
-  rng = np.random.default_rng(0)
-  words = ["thee", "thou", "art", "love", "night", "sweet", "my", "lord", "the", "and"]
-  for i in range(3):
-    (d / f"play{i}.txt").write_text("\n".join(" ".join(rng.choice(words, 8))
-                                              for _ in range(400)) + "\n")
-  return d
-
-
-@pytest.fixture(scope="module")
 def report(text_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp("sharded")
   env = {**os.environ, "JAX_PLATFORMS": "cpu",

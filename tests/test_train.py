@@ -27,17 +27,6 @@ RUN = ("train.batch_size=4", "train.steps=6", "train.warmup_steps=2", "train.log
 
 
 @pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("text")
-  rng = np.random.default_rng(0)
-  words = ["thee", "thou", "art", "love", "night", "sweet", "my", "lord", "the", "and"]
-  for i in range(3):
-    lines = [" ".join(rng.choice(words, 8)) for _ in range(400)]
-    (d / f"play{i}.txt").write_text("\n".join(lines) + "\n")
-  return d
-
-
-@pytest.fixture(scope="module")
 def cfg(text_dir):
   return kvjax.load_config(None, [*TINY, *RUN, f"data.source={text_dir}"])
 
