@@ -85,6 +85,13 @@ def test_generators_are_seeded_and_place_the_answer_at_the_depth(task):
   assert first(a) < 0.25 < 0.75 < first(end)
 
 
+def test_passkey_at_the_end_is_still_followed_by_filler():
+  s = synthetic.passkey(ByteTokenizer(), np.random.default_rng(0), 600, 1.0)
+  after_key = s.prompt[s.prompt.rindex(s.answer):]
+  assert "The grass is green." in after_key
+  assert after_key.index("The grass is green.") < after_key.index("What is the pass key?")
+
+
 def test_needle_sits_in_the_haystack_at_a_line_break():
   tok = ByteTokenizer()
   haystack = "".join(f"Line {i} of a long play.\n" for i in range(2000))

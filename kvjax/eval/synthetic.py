@@ -58,12 +58,17 @@ def _fill(tokenizer, length: int, fixed: str, unit: str) -> int:
 
 
 def passkey(tokenizer, rng: np.random.Generator, length: int, depth: float) -> Sample:
-  """A 5-digit pass key said once inside repeated filler (Mohtashami & Jaggi, 2023)."""
+  """A 5-digit pass key said once inside repeated filler (Mohtashami & Jaggi, 2023).
+
+  At depth 1 one filler unit still follows the key: with nothing between them, the needle's
+  closing "... is the pass key." runs straight into the question, which then reads as a
+  continuation to copy rather than a question about the context.
+  """
   key = str(rng.integers(10_000, 100_000))
   needle = f" The pass key is {key}. Remember it. {key} is the pass key."
   question = " What is the pass key? The pass key is"
   n = _fill(tokenizer, length, _PASSKEY_INTRO + needle + question, _PASSKEY_FILLER)
-  at = round(depth * n)
+  at = min(round(depth * n), n - 1)
   prompt = (_PASSKEY_INTRO + _PASSKEY_FILLER * at + needle + _PASSKEY_FILLER * (n - at)
             + question)
   return Sample(prompt, key, length, depth)
