@@ -67,6 +67,22 @@ class AttentionGateConfig:
     _require(self.loss_weight >= 0, "model.attention_gate.loss_weight", "must be >= 0")
 
 
+EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvictionConfig:
+  """Score-based K/V eviction after a dense prefill (`kvjax.decode.eviction`): every (layer, K/V
+  head) keeps round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
+
+  policy: str = "none"
+  keep_ratio: float = 0.5
+
+  def __post_init__(self):
+    _choice(self.policy, "model.eviction.policy", EVICTION_POLICIES)
+    _require(0.0 < self.keep_ratio <= 1.0, "model.eviction.keep_ratio", "must be in (0, 1]")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """One Block Transformer decoder's shape; a field left unset takes the model's value."""
@@ -138,6 +154,7 @@ class ModelConfig:
   kv_sharing: KVSharingConfig = dataclasses.field(default_factory=KVSharingConfig)
   block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
   attention_gate: AttentionGateConfig = dataclasses.field(default_factory=AttentionGateConfig)
+  eviction: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
 
   def __post_init__(self):
     _choice(self.kind, "model.kind", ("llama", "block_transformer"))
@@ -164,6 +181,7 @@ class ModelConfig:
       self._check_block()
     _require(not (self.attention_gate.enable and self.kind != "llama"),
              "model.attention_gate.enable", f"needs model.kind 'llama', got {self.kind!r}")
+    self._check_eviction()
 
   def _check_moa(self) -> None:
     _require(self.moa_block_size > 0, "model.moa_block_size", "must be > 0")
@@ -177,6 +195,15 @@ class ModelConfig:
     from kvjax.moa.plan import load_plan  # noqa: PLC0415 (kvjax.moa builds on this module)
 
     load_plan(self.moa_plan).check(self)
+
+  def _check_eviction(self) -> None:
+    if self.eviction.policy == "none":
+      return
+    key = "model.eviction.policy"
+    _require(self.kind == "llama", key, f"needs model.kind 'llama', got {self.kind!r}")
+    _require(not self.moa_plan, key, "cannot be combined with model.moa_plan (choose one method)")
+    _require(not self.attention_gate.enable, key,
+             "cannot be combined with model.attention_gate.enable (choose one method)")
 
   def _check_block(self) -> None:
     block = self.block

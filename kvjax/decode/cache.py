@@ -92,6 +92,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   if cfg.moa_plan:
     from kvjax.decode.moa_cache import init_moa_cache  # noqa: PLC0415 (builds on this module)
     return init_moa_cache(cfg, batch, max_len)
+  if cfg.eviction.policy != "none":
+    from kvjax.decode.eviction import init_eviction_cache  # noqa: PLC0415 (builds on this module)
+    return init_eviction_cache(cfg, batch, max_len)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim_)
   dtype = jnp.dtype(cfg.cache_dtype)
   return KVCache(layers=tuple(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.decode.eviction import apply_with_cache
 from kvjax.decode.sampling import SamplingConfig, sample
 
 
@@ -72,8 +73,7 @@ def prefill(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, rng,
                                       method="prefill")
   else:
     positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits_BxTxV, cache = model.apply({"params": params}, prompts_BxT, positions=positions_BxT,
-                                      cache=cache)
+    logits_BxTxV, cache = apply_with_cache(model, params, prompts_BxT, positions_BxT, cache)
   last_logits_BxV = jnp.take_along_axis(
       logits_BxTxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
   rng, key = jax.random.split(rng)

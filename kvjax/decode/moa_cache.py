@@ -110,6 +110,8 @@ class MoALayerCache:
 class MoACache(KVCache):
   """The model's cache under a MoA plan: one `MoALayerCache` per layer."""
 
+  whole_prompt_prefill = True  # a multi-token write attends over its own K/V only
+
   def with_prompt_lengths(self, prompt_lengths_B: jax.Array) -> MoACache:
     lengths = jnp.asarray(prompt_lengths_B, jnp.int32)
     return self.replace(layers=tuple(layer.replace(prompt_lengths=lengths)

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.decode import SamplingConfig, decode_loop, init_cache
-from kvjax.decode.generate import DecodeState, check_fits, output_of
+from kvjax.decode.generate import DecodeState, after_prefill, check_fits, output_of
 from kvjax.eval.scoring import LogitsFn, prefill_chunks, score_spans
 from kvjax.eval.synthetic import RecallSample, Sample
 
@@ -43,6 +43,8 @@ def _chunked_generate(model: nn.Module, params, cfg: ModelConfig, tokens_BxT: np
   b, t = tokens_BxT.shape
   check_fits(int(lengths_B.max()), max_new_tokens, cfg.max_seq_len)
   cache = init_cache(cfg, b, min(cfg.max_seq_len, t + max_new_tokens))
+  if hasattr(cache, "with_prompt_lengths"):  # a cache that drops tokens must not keep the pads
+    cache = cache.with_prompt_lengths(jnp.asarray(lengths_B, jnp.int32))
   last_B = jnp.asarray(lengths_B - 1)
   last_BxV = None
   for start, logits_BxCxV, cache in prefill_chunks(model, params, tokens_BxT, cache, chunk):
@@ -56,6 +58,7 @@ def _chunked_generate(model: nn.Module, params, cfg: ModelConfig, tokens_BxT: np
                       last=first_B, positions=jnp.asarray(lengths_B, jnp.int32),
                       done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32),
                       rng=jax.random.key(0), cache=cache)
+  state = after_prefill(state, max_new_tokens)
   state = decode_loop(model, params, state, sampling=SamplingConfig(), eos_id=eos_id,
                       pad_id=pad_id)
   return output_of(state, eos_id)

@@ -19,6 +19,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.decode import init_cache
+from kvjax.decode.eviction import apply_with_cache
 
 LogitsFn = Callable[[np.ndarray], jax.Array]
 
@@ -30,8 +31,11 @@ def forward_logits(model: nn.Module, params) -> LogitsFn:
 
 def prefill_chunks(model: nn.Module, params, tokens_BxT: np.ndarray, cache, chunk: int):
   """Yields `(start, logits_BxCxV, cache)` while writing `tokens_BxT` into `cache` `chunk`
-  positions at a time: attention memory grows as chunk x T rather than T x T."""
+  positions at a time: attention memory grows as chunk x T rather than T x T. A cache whose
+  prompt must come in one write (`whole_prompt_prefill`, e.g. MoA's) gets it in one."""
   step = _cache_step(model)
+  if getattr(cache, "whole_prompt_prefill", False):
+    chunk = tokens_BxT.shape[1]
   for start in range(0, tokens_BxT.shape[1], chunk):
     part_BxC = jnp.asarray(tokens_BxT[:, start:start + chunk], jnp.int32)
     positions_BxC = jnp.broadcast_to(jnp.arange(start, start + part_BxC.shape[1]), part_BxC.shape)
@@ -42,7 +46,7 @@ def prefill_chunks(model: nn.Module, params, tokens_BxT: np.ndarray, cache, chun
 @functools.cache
 def _cache_step(model: nn.Module):
   def step(p, tokens_BxC, positions_BxC, cache):
-    return model.apply({"params": p}, tokens_BxC, positions=positions_BxC, cache=cache)
+    return apply_with_cache(model, p, tokens_BxC, positions_BxC, cache)
   return jax.jit(step, donate_argnames=("cache",))
 
 
