@@ -1,13 +1,18 @@
 """MoA's claim on SmolLM2-135M-Instruct: at equal KV-cache density, per-head elastic windows
-keep long-context retrieval near dense while uniform windows (StreamingLLM) collapse.
+keep long-context retrieval near dense while uniform windows (StreamingLLM) collapse; H2O
+eviction at the same cache size is the other baseline.
 
   python benchmarks/moa.py                                   # the full run (hours on CPU)
-  python benchmarks/moa.py --densities 0.5 --lengths 512 1024 --samples 1 --profile-lengths 512
+  python benchmarks/moa.py --lengths 512 1024 2048 --samples 1 --profile-lengths 512 1024 \
+      --profile-samples 2 --sinks 64                          # what fits about an hour on 2 cores
 
 Every number comes from the project's CLIs, run as subprocesses and recorded with their
 commands: plans from `python -m kvjax.moa`, retrieval and perplexity from `python -m kvjax.eval`,
-KV bytes and decode tokens/s from `decode.py`. Results: benchmarks/results/moa_<device>.json
-and .png (retrieval accuracy by context length, per method and density).
+KV bytes and decode tokens/s from `decode.py`. A plan already in the work folder is reused and
+its search report recorded. Perplexity is teacher-forced under each method's prefill masks, which
+H2O does not have (it evicts after a dense prefill), so H2O gets none. Results:
+benchmarks/results/moa_<device>.json and .png (retrieval accuracy by context length, per method
+and density).
 """
 
 from __future__ import annotations
@@ -44,7 +49,12 @@ def plans(args, work: Path) -> dict[str, dict]:
   methods = {"dense": {"overrides": [], "density": 1.0}}
   for d in args.densities:
     moa = work / f"moa_{d:g}.json"
-    if not moa.exists():
+    if moa.exists():
+      report = Path(f"{moa}.report.json")
+      methods[f"moa_{d:g}_search"] = {"record": {
+          "reused": str(moa.relative_to(ROOT)),
+          "report": json.loads(report.read_text()) if report.exists() else None}}
+    else:
       methods[f"moa_{d:g}_search"] = {"record": run([
           sys.executable, "-m", "kvjax.moa", "plan", "--config", CONFIG, "--out", str(moa),
           "--density", str(d), "--lengths", *map(str, args.profile_lengths),
@@ -58,18 +68,23 @@ def plans(args, work: Path) -> dict[str, dict]:
       methods[f"streaming{sinks}_{d:g}"] = {
           "overrides": [f"model.moa_plan={stream}", f"model.moa_sink_tokens={sinks}"],
           "density": d}
+    methods[f"h2o_{d:g}"] = {
+        "overrides": ["model.eviction.policy=h2o", f"model.eviction.keep_ratio={d:g}"],
+        "density": d}
   return methods
 
 
 def evaluate(args, name: str, overrides: list[str], work: Path) -> dict:
   ev = [sys.executable, "-m", "kvjax.eval", "--config", CONFIG]
-  long = ["--lengths", *map(str, args.lengths), "--depths", "0", "0.5", "1",
+  long = ["--lengths", *map(str, args.lengths), "--depths", *map(str, args.depths),
           "--samples", str(args.samples)]
+  evicts = any(o.startswith("model.eviction.policy=") for o in overrides)
   return {
       "passkey": run([*ev, "--task", "passkey", *long, *overrides], work / f"{name}_passkey.json"),
       "lines": run([*ev, "--task", "lines", *long, *overrides], work / f"{name}_lines.json"),
-      "perplexity": run([*ev, "--task", "perplexity", "--seq-len", str(args.ppl_seq_len),
-                         *overrides], work / f"{name}_ppl.json"),
+      "perplexity": None if evicts else run(
+          [*ev, "--task", "perplexity", "--seq-len", str(args.ppl_seq_len), *overrides],
+          work / f"{name}_ppl.json"),
       "decode": run([sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
                      "--prompt-len", str(args.decode_prompt), "--gen-len", "32", *overrides],
                     work / f"{name}_decode.json"),
@@ -97,6 +112,7 @@ def main() -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
   p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+  p.add_argument("--depths", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
   p.add_argument("--samples", type=int, default=2)
   p.add_argument("--profile-lengths", type=int, nargs="+", default=[1024, 2048])
   p.add_argument("--profile-samples", type=int, default=4)
