@@ -144,6 +144,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   cache_dtype: str = "float32"
   attention_impl: str = "auto"  # auto | xla | pallas
+  # Run the layers as one `nn.scan` over groups of (producer + consumers): compile time and
+  # program size stop growing with depth; parameters and the dense cache gain a leading axis.
+  scan_layers: bool = False
   # MoA (`kvjax.moa`): a JSON plan of per-head elastic sparse windows; "" for dense attention.
   moa_plan: str = ""
   moa_block_size: int = 64  # prefill block and cache size granularity
@@ -179,6 +182,8 @@ class ModelConfig:
     self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
     if self.kind == "block_transformer":
       self._check_block()
+    if self.scan_layers:
+      self._check_scan()
     _require(not (self.attention_gate.enable and self.kind != "llama"),
              "model.attention_gate.enable", f"needs model.kind 'llama', got {self.kind!r}")
     self._check_eviction()
@@ -195,6 +200,16 @@ class ModelConfig:
     from kvjax.moa.plan import load_plan  # noqa: PLC0415 (kvjax.moa builds on this module)
 
     load_plan(self.moa_plan).check(self)
+
+  def _check_scan(self) -> None:
+    _require(self.scan_group_size > 0, "model.scan_layers",
+             "needs every layer group (a producer and its consumers) to be the same size, i.e. "
+             "kv_sharing.factor dividing model.num_layers or the same pattern as one, got "
+             f"producer_of={list(self.producer_of)}")
+    for field, on in (("moa_plan", bool(self.moa_plan)),
+                      ("attention_gate.enable", self.attention_gate.enable)):
+      _require(not on, "model.scan_layers", f"cannot be combined with model.{field}: its caches "
+               "differ from layer to layer, so they cannot be stacked (unroll the layers)")
 
   def _check_eviction(self) -> None:
     if self.eviction.policy == "none":
@@ -239,6 +254,13 @@ class ModelConfig:
     from kvjax.layers.kv_sharing import resolve_pattern  # noqa: PLC0415 (avoids a cycle)
 
     return resolve_pattern(self.kv_sharing, self.num_layers)
+
+  @property
+  def scan_group_size(self) -> int:
+    """Layers in each scanned group (one producer and its consumers); 0 if they differ."""
+    from kvjax.layers.kv_sharing import uniform_group_size  # noqa: PLC0415 (avoids a cycle)
+
+    return uniform_group_size(self.producer_of)
 
   @property
   def num_kv_layers(self) -> int:

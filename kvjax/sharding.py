@@ -44,11 +44,15 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("cache_head_dim", None),
+    ("layers", None),  # the group axis of scanned layers: every device holds every layer
+    ("cache_layers", None),
 )
 
-# A cache leaf named `k` or `v` is a `[B, S, K, D]` buffer; every other cache leaf (positions,
-# block tokens, shifts) has the batch first and nothing else worth splitting.
+# A cache leaf named `k` or `v` is a `[B, S, K, D]` buffer, or a `[G, B, S, K, D]` stack of them
+# for scanned layers; every other cache leaf (positions, block tokens, shifts) has the batch
+# first and nothing else worth splitting.
 KV_BUFFER_AXES = ("cache_batch", "cache_sequence", "cache_kv_heads", "cache_head_dim")
+KV_STACK_AXES = ("cache_layers", *KV_BUFFER_AXES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,8 +173,9 @@ def cache_shardings(cache, mesh: Mesh):
   """Any cache pytree: K/V buffers by batch and KV heads, other leaves by batch."""
   def one(path, leaf):
     name = getattr(path[-1], "name", None)
-    if name in ("k", "v") and leaf.ndim == len(KV_BUFFER_AXES):
-      return named_sharding(mesh, KV_BUFFER_AXES, leaf.shape)
+    if name in ("k", "v") and leaf.ndim in (len(KV_BUFFER_AXES), len(KV_STACK_AXES)):
+      axes = KV_BUFFER_AXES if leaf.ndim == len(KV_BUFFER_AXES) else KV_STACK_AXES
+      return named_sharding(mesh, axes, leaf.shape)
     axes = ("cache_batch",) + (None,) * (leaf.ndim - 1) if leaf.ndim else ()
     return named_sharding(mesh, axes, leaf.shape)
   return jax.tree_util.tree_map_with_path(one, cache)

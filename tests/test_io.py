@@ -72,6 +72,17 @@ def test_hf_directory_logits_equal_transformers(tiny_hf):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_hf_directory_loads_into_scanned_layers(tiny_hf):
+  path, ref = tiny_hf
+  cfg = dataclasses.replace(kio.model_config_from_checkpoint(str(path)), scan_layers=True)
+  tokens = np.random.default_rng(1).integers(0, TINY_LLAMA["vocab_size"], (1, 9))
+  with torch.no_grad():
+    want = ref(torch.as_tensor(tokens)).logits.numpy()
+  params = kio.load_weights(cfg)
+  assert "layers" in params and "layer_0" not in params
+  np.testing.assert_allclose(forward(cfg, params, tokens), want, atol=2e-5, rtol=1e-4)
+
+
 def test_gguf_logits_equal_transformers_on_the_same_file(smollm2, hf_tokenizer):
   cfg, path = smollm2
   assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_, cfg.vocab_size) == (

@@ -30,6 +30,8 @@ PARAM_ATOL = 3e-5  # 3% of one step's largest update (lr)
 # Overrides that make each registered model kind; one layer per stack keeps compiling short.
 KIND_OVERRIDES = {"block_transformer": ("model.block.block_len=4",)}
 CASES = {kind: (f"model.kind={kind}", *KIND_OVERRIDES.get(kind, ())) for kind in MODEL_REGISTRY}
+CASES["llama_scanned_cla2"] = ("model.num_layers=4", "model.kv_sharing.factor=2",
+                               "model.scan_layers=true")
 COMMON = ("model.num_layers=1", "train.batch_size=8", "train.warmup_steps=0", "train.lr=0.001",
           "data.seq_len=16")
 DECODE_BATCH, PROMPT_LEN, GEN_LEN = 4, 8, 8

@@ -3,6 +3,10 @@
 Slot s holds the token at position s, so the causal mask is just `slot <= query position`.
 Prompts of different lengths are right-padded: a pad token's slot is overwritten by the
 first generated token of that sequence before any query can see it.
+
+With scanned layers (`model.scan_layers`) the producers' buffers are one `[G, B, S, K, D]`
+stack that the scan carries: group g writes its new rows in place at index g, so a decode step
+moves only those rows instead of slicing out and restacking the whole cache.
 """
 
 from __future__ import annotations
@@ -31,6 +35,13 @@ def _write_rows(buf_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Arr
   def one(buf, new, start):
     return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
   return jax.vmap(one)(buf_BxSxKxD, new_BxTxKxD, start_B)
+
+
+def _write_stacked_rows(buf_GxBxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array,
+                        index: jax.Array) -> jax.Array:
+  def one(buf, new, start):
+    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (index, start, 0, 0))
+  return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(buf_GxBxSxKxD, new_BxTxKxD, start_B)
 
 
 @flax.struct.dataclass
@@ -78,6 +89,44 @@ class KVCache:
     return self.layers[0].max_len
 
 
+@flax.struct.dataclass
+class StackedKVCache:
+  """Every producer's dense buffers stacked on a leading axis, for scanned layers."""
+
+  k: jax.Array  # G x B x S x K x D, rotated keys
+  v: jax.Array  # G x B x S x K x D
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def nbytes(self) -> int:
+    return tree_nbytes(self)
+
+  def layer(self, index: jax.Array) -> StackedLayerCache:
+    return StackedLayerCache(stack=self, index=index)
+
+
+@flax.struct.dataclass
+class StackedLayerCache:
+  """Buffer `index` of a stack, with the layer cache interface; `stack` is the updated whole."""
+
+  stack: StackedKVCache
+  index: jax.Array  # int32 scalar, the group's place in the scan
+
+  def write(self, k_BxTxKxD, v_BxTxKxD, positions_BxT) -> StackedLayerCache:
+    start_B = positions_BxT[:, 0]
+    return self.replace(stack=StackedKVCache(
+        k=_write_stacked_rows(self.stack.k, k_BxTxKxD, start_B, self.index),
+        v=_write_stacked_rows(self.stack.v, v_BxTxKxD, start_B, self.index)))
+
+  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto", kv=None) -> jax.Array:
+    take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.index, keepdims=False)
+    layer = DenseLayerCache(k=take(self.stack.k), v=take(self.stack.v))
+    return layer.attend(q_BxTxHxD, positions_BxT, impl, kv)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
   """A zeroed dense cache for `batch` sequences of up to `max_len` positions (or the
   two-level cache of a Block Transformer, or the compacted one of an attention gate)."""
@@ -97,6 +146,9 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return init_eviction_cache(cfg, batch, max_len)
   shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim_)
   dtype = jnp.dtype(cfg.cache_dtype)
+  if cfg.scan_layers:
+    stacked = (cfg.num_kv_layers, *shape)
+    return StackedKVCache(k=jnp.zeros(stacked, dtype), v=jnp.zeros(stacked, dtype))
   return KVCache(layers=tuple(
       DenseLayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
       for _ in range(cfg.num_kv_layers)))

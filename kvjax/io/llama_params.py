@@ -19,6 +19,7 @@ import numpy as np
 from kvjax.config import ConfigError, ModelConfig
 from kvjax.io.errors import CheckpointError
 from kvjax.models import build_model
+from kvjax.models.llama import stack_layers
 
 # ModelConfig fields a checkpoint fixes; `max_seq_len` is the trained context, a default only.
 ARCH_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -67,6 +68,9 @@ def _hf_name(path: tuple[str, ...]) -> str:
 
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str):
   """Maps HF-named `[out, in]` tensors onto the params tree of `build_model(cfg)`."""
+  if cfg.scan_layers:  # checkpoints name layers one by one: fill the unrolled tree, then stack
+    unrolled = params_from_tensors(tensors, dataclasses.replace(cfg, scan_layers=False), where)
+    return stack_layers(unrolled, cfg)
   tokens = jnp.zeros((1, 1), jnp.int32)
   abstract = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), tokens))["params"]
   flat = flax.traverse_util.flatten_dict(abstract)

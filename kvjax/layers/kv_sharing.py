@@ -49,6 +49,13 @@ def resolve_pattern(sharing: KVSharingConfig, num_layers: int) -> tuple[int, ...
   return cla_pattern(sharing.factor, num_layers)
 
 
+def uniform_group_size(producer_of: tuple[int, ...]) -> int:
+  """s if the pattern is CLA-s with every group full (what a layer scan repeats), else 0."""
+  num_layers = len(producer_of)
+  s = next((layer for layer, p in enumerate(producer_of) if layer and p == layer), num_layers)
+  return s if num_layers % s == 0 and producer_of == cla_pattern(s, num_layers) else 0
+
+
 def producers(producer_of: tuple[int, ...]) -> tuple[int, ...]:
   """The layers that own K/V, in order; buffer i of the cache belongs to producers[i]."""
   return tuple(layer for layer, p in enumerate(producer_of) if p == layer)

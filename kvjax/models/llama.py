@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,26 @@ class DecoderBlock(nn.Module):
                                jnp.dtype(cfg.param_dtype), name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     return x_BxTxD, kv, cache
+
+
+class LayerGroup(nn.Module):
+  """A producer and the consumers that read its K/V: the unit that `scan_layers` repeats.
+
+  Written as a scan body: `carry = (x_BxTxD, cache)`, with `cache` a `StackedKVCache` (or None)
+  of which this group uses buffer `group`.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, positions_BxT, group):
+    x_BxTxD, cache = carry
+    layer_cache = None if cache is None else cache.layer(group)
+    kv = None
+    for j in range(self.cfg.scan_group_size):
+      x_BxTxD, kv, layer_cache = DecoderBlock(self.cfg, owns_kv=j == 0, name=f"layer_{j}")(
+          x_BxTxD, positions_BxT, kv=kv, cache=layer_cache)
+    return (x_BxTxD, None if cache is None else layer_cache.stack), None
 
 
 class Embedder(nn.Module):
@@ -88,6 +110,14 @@ class Transformer(nn.Module):
     """Runs the layers in order, so a producer's K/V exist before its consumers read them:
     passed along in the forward pass, or through its cache buffer (written, then read)."""
     cfg = self.cfg
+    if cfg.scan_layers:
+      groups = cfg.num_layers // cfg.scan_group_size
+      scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, 0), length=groups,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+      (x_BxTxD, cache), _ = scan(cfg, name="layers")(
+          (x_BxTxD, cache), positions_BxT, jnp.arange(groups, dtype=jnp.int32))
+      return x_BxTxD, cache
     producer_of = cfg.producer_of
     buffer_of = kv_sharing.buffer_of(producer_of)
     buffers = None if cache is None else list(cache.layers)
@@ -100,3 +130,27 @@ class Transformer(nn.Module):
       if cache is not None:
         buffers[buffer_of[i]] = layer_cache
     return x_BxTxD, None if cache is None else cache.replace(layers=tuple(buffers))
+
+
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+  """Unrolled parameters (`layer_0`, `layer_1`, ...) -> the `scan_layers` layout of the same
+  model (`layers/layer_j` with a leading group axis): checkpoints move between the two.
+  Returns plain arrays (partitioning boxes are dropped)."""
+  params, size = nn.meta.unbox(params), cfg.scan_group_size
+  rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  groups = range(cfg.num_layers // size)
+  stacked = {f"layer_{j}": jax.tree.map(lambda *g: jnp.stack(g),
+                                        *(params[f"layer_{g * size + j}"] for g in groups))
+             for j in range(size)}
+  return {**rest, "layers": stacked}
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+  """The inverse of `stack_layers`."""
+  params, size = nn.meta.unbox(params), cfg.scan_group_size
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for j in range(size):
+    for g in range(cfg.num_layers // size):
+      out[f"layer_{g * size + j}"] = jax.tree.map(operator.itemgetter(g),
+                                                  params["layers"][f"layer_{j}"])
+  return out
