@@ -39,9 +39,12 @@ def _write_rows(buf_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Arr
 
 def _write_stacked_rows(buf_GxBxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array,
                         index: jax.Array) -> jax.Array:
-  def one(buf, new, start):
-    return jax.lax.dynamic_update_slice(buf, new[None].astype(buf.dtype), (index, start, 0, 0))
-  return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(buf_GxBxSxKxD, new_BxTxKxD, start_B)
+  """One scatter into buffer `index` of the stack (a vmap over its batch axis would transpose
+  the whole stack)."""
+  b, t = new_BxTxKxD.shape[:2]
+  slots_BxT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)
+  return buf_GxBxSxKxD.at[index, jnp.arange(b)[:, None], slots_BxT].set(
+      new_BxTxKxD.astype(buf_GxBxSxKxD.dtype), mode="drop")
 
 
 @flax.struct.dataclass
