@@ -133,3 +133,17 @@ def test_eviction_and_moa_plan_are_exclusive(tmp_path):
   plan.write_text('{"alphas": [[0, 0, 0, 0], [0, 0, 0, 0]], "betas": [[1, 1, 1, 1], [1, 1, 1, 1]]}')
   with pytest.raises(ConfigError, match="model.eviction.policy.*moa_plan"):
     tiny_model("model.eviction.policy=h2o", f"model.moa_plan={plan}")
+
+
+def test_eval_chunked_generation_equals_generate():
+  """The eval's generation path (chunked prefill, right-padded prompts) evicts like `generate`."""
+  from kvjax.eval.long_context import _chunked_generate  # noqa: PLC0415
+
+  cfg, model, params = evicting("h2o", 0.3)
+  prompts = np.asarray(random_tokens(2, 30, seed=7))
+  lengths = np.array([30, 19], np.int32)
+  want = generate(model, params, prompts, lengths, max_new_tokens=8, rng=jax.random.key(0),
+                  cache=init_cache(cfg.model, 2, 38))
+  got = _chunked_generate(model, params, cfg.model, prompts, lengths, max_new_tokens=8,
+                          eos_id=None, pad_id=0, chunk=8)
+  np.testing.assert_array_equal(got.tokens, want.tokens)

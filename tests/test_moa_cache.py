@@ -111,3 +111,18 @@ def test_generate_with_right_padded_prompts_keeps_the_real_tokens(tmp_path):
   alone = generate(model, params, prompts[1:, :29], lengths[1:], max_new_tokens=G,
                    rng=jax.random.key(0), cache=init_cache(cfg.model, 1, P + G))
   np.testing.assert_array_equal(batch.tokens[1], alone.tokens[0])
+
+
+def test_eval_chunked_generation_equals_generate(tmp_path):
+  """The eval's generation path (prefill in chunks smaller than the prompt, right-padded prompts)
+  decodes what `generate` decodes: the ring cache gets the prompt in one write and its length."""
+  from kvjax.eval.long_context import _chunked_generate  # noqa: PLC0415
+
+  cfg, model, params = build(tmp_path, PLAN)
+  prompts = np.asarray(random_tokens(2, P, seed=6))
+  lengths = np.array([P, 29], np.int32)
+  want = generate(model, params, prompts, lengths, max_new_tokens=G, rng=jax.random.key(0),
+                  cache=init_cache(cfg.model, 2, P + G))
+  got = _chunked_generate(model, params, cfg.model, prompts, lengths, max_new_tokens=G,
+                          eos_id=None, pad_id=0, chunk=8)
+  np.testing.assert_array_equal(got.tokens, want.tokens)

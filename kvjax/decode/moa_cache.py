@@ -113,8 +113,8 @@ class MoACache(KVCache):
   whole_prompt_prefill = True  # a multi-token write attends over its own K/V only
 
   def with_prompt_lengths(self, prompt_lengths_B: jax.Array) -> MoACache:
-    lengths = jnp.asarray(prompt_lengths_B, jnp.int32)
-    return self.replace(layers=tuple(layer.replace(prompt_lengths=lengths)
+    lengths = jnp.asarray(prompt_lengths_B, jnp.int32)  # a copy per layer: caches are donated
+    return self.replace(layers=tuple(layer.replace(prompt_lengths=jnp.array(lengths, copy=True))
                                      for layer in self.layers))
 
 
