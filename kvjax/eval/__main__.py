@@ -42,6 +42,8 @@ def parse_args(argv):
   p.add_argument("--text", nargs="+", help="perplexity: text files (default: data.source val split)")
   p.add_argument("--seq-len", type=int, help="perplexity window (default data.seq_len)")
   p.add_argument("--limit", type=int, help="multiple choice: first N questions only")
+  p.add_argument("--offset", type=int, default=0,
+                 help="multiple choice: skip the first N questions (to split a task into runs)")
   p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
   p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
   p.add_argument("--samples", type=int, default=2, help="samples per length (and depth)")
@@ -58,6 +60,8 @@ def check_args(args, cfg) -> None:
       raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
   if args.limit is not None and args.limit < 1:
     raise UsageError(f"--limit must be >= 1, got {args.limit}")
+  if args.offset < 0:
+    raise UsageError(f"--offset must be >= 0, got {args.offset}")
   if args.seq_len is not None and not 2 <= args.seq_len <= cfg.model.max_seq_len:
     raise UsageError(f"--seq-len must be in [2, model.max_seq_len={cfg.model.max_seq_len}], "
                      f"got {args.seq_len}")
@@ -108,7 +112,8 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
                for n in args.lengths for d in args.depths for _ in range(args.samples)]
     return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
                                            batch_size=args.batch)
-  questions = multiple_choice.load_questions(args.task)[:args.limit]
+  questions = multiple_choice.load_questions(args.task)[args.offset:]
+  questions = questions[:args.limit]
   return multiple_choice.evaluate_multiple_choice(logits_fn, tokenizer, questions)
 
 
