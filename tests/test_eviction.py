@@ -140,10 +140,14 @@ def test_eval_chunked_generation_equals_generate():
   from kvjax.eval.long_context import _chunked_generate  # noqa: PLC0415
 
   cfg, model, params = evicting("h2o", 0.3)
+  params = jax.tree.map(lambda x: 6 * x, params)  # sharp attention: tokens depend on the cache
   prompts = np.asarray(random_tokens(2, 30, seed=7))
   lengths = np.array([30, 19], np.int32)
-  want = generate(model, params, prompts, lengths, max_new_tokens=8, rng=jax.random.key(0),
-                  cache=init_cache(cfg.model, 2, 38))
+  kw = dict(max_new_tokens=8, rng=jax.random.key(0))
+  want = generate(model, params, prompts, lengths, cache=init_cache(cfg.model, 2, 38), **kw)
+  dense = generate(model, params, prompts, lengths, cache=init_cache(tiny_model()[0].model, 2, 38),
+                   **kw)
   got = _chunked_generate(model, params, cfg.model, prompts, lengths, max_new_tokens=8,
                           eos_id=None, pad_id=0, chunk=8)
   np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert (np.asarray(got.tokens) != np.asarray(dense.tokens)).any()
