@@ -17,6 +17,7 @@ from kvjax.decode import init_cache
 from kvjax.decode.compact_cache import EMPTY, init_compact_cache
 from kvjax.gate import BASELINES, baseline_keep
 from kvjax.gate.baselines import attention_probs, evicted_prefill
+from kvjax.gate.layer import BIAS_STEP
 from kvjax.layers.attention import causal_mask, dot_product_attention
 from kvjax.training.loss import next_token_loss
 
@@ -25,13 +26,12 @@ GATE = ("model.attention_gate.enable=true", "model.attention_gate.num_heads=2",
 
 
 def set_score_bias(params, bias_K):
-  """Every gate's per-head score bias set to `bias_K` (decides the flags outright when large),
-  the score kernel scaled so tokens still differ."""
+  """Every gate's per-head score bias set to `bias_K` (decides the flags outright when large;
+  the token parts spread ~1 around it)."""
   flat = traverse_util.flatten_dict(params)
   for path in flat:
-    if "gate" in path and "score" in path:
-      flat[path] = (jnp.asarray(bias_K, jnp.float32) if path[-1] == "bias"
-                    else flat[path] * 40.0)
+    if "gate" in path and path[-1] == "bias":
+      flat[path] = jnp.asarray(bias_K, jnp.float32) / BIAS_STEP
   return traverse_util.unflatten_dict(flat)
 
 
@@ -133,13 +133,13 @@ def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts():
     np.testing.assert_array_equal(np.argmax(logits[0, lengths[b] - 1:], -1), out.tokens[b])
 
 
-def test_eviction_loss_moves_the_kept_fraction_to_the_target():
-  cfg, model, params = tiny_model(*GATE, "model.attention_gate.keep_ratio=0.4",
+def test_eviction_loss_moves_every_heads_kept_fraction_to_the_target():
+  cfg, model, params = tiny_model(*GATE, "model.attention_gate.keep_ratio=0.6",
                                   "model.attention_gate.loss_weight=10.0")
   gate = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" in p}
   frozen = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" not in p}
   merge = lambda g: traverse_util.unflatten_dict({**frozen, **g})
-  opt = optax.adam(3e-2)
+  opt = optax.adam(3e-3)
   tokens = random_tokens(4, 33, seed=8)
 
   @jax.jit
@@ -151,14 +151,14 @@ def test_eviction_loss_moves_the_kept_fraction_to_the_target():
 
   state = opt.init(gate)
   _, _, first = step(gate, state)
-  for _ in range(60):
+  for _ in range(80):
     gate, state, metrics = step(gate, state)
   kept = {k: 1 - np.asarray(v) for k, v in metrics.items() if k.endswith("evict_ratio")}
   assert set(kept) == {f"layer_{i}/attn/gate/evict_ratio" for i in range(cfg.model.num_layers)}
   assert all(np.asarray(first[k]).max() < 0.05 for k in kept)  # starts keeping everything
-  for k, v in kept.items():
+  for k, v in kept.items():  # every head, not only the layer's mean (no all-or-nothing heads)
     assert v.shape == (cfg.model.num_kv_heads,)
-    assert abs(v.mean() - 0.4) < 0.08, (k, v)
+    assert np.abs(v - 0.6).max() < 0.1, (k, v)
 
 
 @pytest.mark.parametrize("method", BASELINES)

@@ -8,16 +8,27 @@ mask inference applies; the backward pass goes straight through to the sigmoid. 
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.layers.attention import causal_mask, dot_product_attention
 from kvjax.layers.rope import apply_rope
 
-# Initial score bias: sigmoid(3) = 0.95 keeps every token, so training starts from the base model.
-INIT_BIAS = 3.0
+# The score is `token part + per-head bias`; the bias starts far above the token parts' initial
+# spread (~1 over tokens), so training starts from the base model (everything kept). It is
+# stored divided by BIAS_STEP, so that it moves ~BIAS_STEP * lr per Adam step: the budget must
+# cross the threshold within a short run.
+INIT_BIAS = 2.5
+BIAS_STEP = 30.0
+
+
+def _logit(p: float) -> float:
+  return math.log(p / (1 - p))
 
 
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
@@ -33,10 +44,12 @@ def visible_weights(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
   return jnp.where(self_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
 
 
-def eviction_loss(keep_fraction: jax.Array, target: float) -> jax.Array:
-  """Squared distance of a layer's kept fraction from the target: unlike the paper's linear
-  term, its gradient changes sign at the target, so the ratio settles there."""
-  return jnp.square(keep_fraction - target)
+def eviction_loss(keep_BxTxK: jax.Array, target: float) -> jax.Array:
+  """Mean over K/V heads of the squared distance of each head's kept fraction from the target:
+  unlike the paper's linear term, its gradient changes sign at the target, so the ratio settles
+  there; and per head, because a loss on the layer's mean is met just as well by one head
+  keeping everything and another nothing (which training then finds)."""
+  return jnp.square(keep_BxTxK.mean(axis=(0, 1)) - target).mean()
 
 
 class AttentionGate(nn.Module):
@@ -46,6 +59,10 @@ class AttentionGate(nn.Module):
   gate's own K/V (`cache.gate`, when decoded tokens are gated too) is written and read instead.
   In a mutable `metrics` / `losses` apply, the layer reports its eviction ratio per K/V head and
   its weighted eviction loss.
+
+  Why training reaches the target per head rather than all-or-nothing: tokens' scores spread
+  ~1 at init (the token's own input feeds the score), Adam's steps are small against that
+  spread (unit-scale weights), and the eviction loss sets only the per-head bias.
   """
 
   cfg: ModelConfig
@@ -53,15 +70,17 @@ class AttentionGate(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, cache=None):
     cfg, g = self.cfg, self.cfg.attention_gate
-    dense = lambda features, name, **kw: nn.DenseGeneral(
-        features, kernel_init=nn.initializers.normal(cfg.init_std), dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), name=name, **kw)
+    # Unit-scale weights, inputs scaled by fan_in^-1/2: Adam moves every weight by ~lr per
+    # step whatever its scale, so with the usual 0.02-std init one step moved the gate's output
+    # by several %, and the scores of all tokens together by more than their spread.
+    dense = lambda x, features, name, axis=-1: nn.DenseGeneral(
+        features, axis=axis, use_bias=False, kernel_init=nn.initializers.normal(1.0),
+        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)(
+            x * math.prod(x.shape[a] for a in np.atleast_1d(axis)) ** -0.5)
     heads = (g.num_heads, g.head_dim)
-    q_BxTxNxE = apply_rope(dense(heads, "q", use_bias=False)(x_BxTxD), positions_BxT,
-                           cfg.rope_theta)
-    k_BxTxNxE = apply_rope(dense(heads, "k", use_bias=False)(x_BxTxD), positions_BxT,
-                           cfg.rope_theta)
-    v_BxTxNxE = dense(heads, "v", use_bias=False)(x_BxTxD)
+    q_BxTxNxE = apply_rope(dense(x_BxTxD, heads, "q"), positions_BxT, cfg.rope_theta)
+    k_BxTxNxE = apply_rope(dense(x_BxTxD, heads, "k"), positions_BxT, cfg.rope_theta)
+    v_BxTxNxE = dense(x_BxTxD, heads, "v")
     if cache is not None and cache.gate is not None:
       gate_cache = cache.gate.write(k_BxTxNxE, v_BxTxNxE, positions_BxT)
       h_BxTxNxE = gate_cache.attend(q_BxTxNxE, positions_BxT, impl="xla")
@@ -69,11 +88,21 @@ class AttentionGate(nn.Module):
     else:
       h_BxTxNxE = dot_product_attention(q_BxTxNxE, k_BxTxNxE, v_BxTxNxE,
                                         causal_mask(positions_BxT, positions_BxT))
-    score_BxTxK = dense(cfg.num_kv_heads, "score", axis=(-2, -1), use_bias=True,
-                        bias_init=nn.initializers.constant(INIT_BIAS))(h_BxTxNxE)
-    p_BxTxK = jax.nn.sigmoid(score_BxTxK.astype(jnp.float32))
-    hard_BxTxK = (p_BxTxK > g.threshold) | (positions_BxT < g.num_sinks)[..., None]
-    keep_BxTxK = straight_through(hard_BxTxK, p_BxTxK)
+    # The token's own input beside the gate's context summary: at init the gate attends
+    # uniformly, so the summary alone barely differs between tokens.
+    h_BxTxF = jnp.concatenate([h_BxTxNxE.reshape(*h_BxTxNxE.shape[:2], -1), x_BxTxD], axis=-1)
+    token_BxTxK = dense(h_BxTxF, cfg.num_kv_heads, "score").astype(jnp.float32)
+    bias_K = BIAS_STEP * self.param("bias", nn.initializers.constant(INIT_BIAS / BIAS_STEP),
+                                    (cfg.num_kv_heads,), jnp.dtype(cfg.param_dtype))
+    # How many tokens to keep is the bias's job, which tokens the token part's: the eviction
+    # loss reaches only the bias, the LM loss only the token part. Through the token part the
+    # eviction loss moves all tokens' scores together (Adam's fastest way to meet the budget)
+    # and overshoots into all-or-nothing; the LM loss's noise would stall the bias.
+    sg = jax.lax.stop_gradient
+    hard_BxTxK = ((token_BxTxK + bias_K > _logit(g.threshold))
+                  | (positions_BxT < g.num_sinks)[..., None])
+    keep_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(token_BxTxK + sg(bias_K)))
+    budget_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K))
     self.sow("metrics", "evict_ratio", 1.0 - hard_BxTxK.mean(axis=(0, 1)))
-    self.sow("losses", "evict", g.loss_weight * eviction_loss(keep_BxTxK.mean(), g.keep_ratio))
+    self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
     return keep_BxTxK, cache
