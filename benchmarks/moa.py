@@ -2,15 +2,19 @@
 keep long-context retrieval near dense while uniform windows (StreamingLLM) collapse; H2O
 eviction at the same cache size is the other baseline.
 
-  python benchmarks/moa.py                                   # the full run (hours on CPU)
-  python benchmarks/moa.py --lengths 512 1024 2048 --samples 1 --profile-lengths 512 1024 \
+  python -m benchmarks.moa                                   # the full run (hours on CPU)
+  python -m benchmarks.moa --lengths 512 1024 2048 --samples 1 --profile-lengths 512 1024 \
       --profile-samples 2 --sinks 64                          # what fits about an hour on 2 cores
 
 Every number comes from the project's CLIs, run as subprocesses and recorded with their
 commands: plans from `python -m kvjax.moa`, retrieval and perplexity from `python -m kvjax.eval`,
 KV bytes and decode tokens/s from `decode.py`. A plan already in the work folder is reused and
-its search report recorded. Perplexity is teacher-forced under each method's prefill masks, which
-H2O does not have (it evicts after a dense prefill), so H2O gets none. Results:
+its search report recorded. Perplexity (`kvjax.eval`) is teacher-forced under each method's
+prefill masks, which H2O does not have (it evicts after a dense prefill), so H2O gets none there;
+the continuation loss, measured in this process, is what every method has: held-out windows are
+prefilled through the method's cache (`init_cache`, `prefill`, `after_prefill`) and their next
+tokens decoded one at a time, teacher-forced. `--resume` reuses the CLI results of a previous
+summary with the same settings. Results:
 benchmarks/results/moa_<device>.json and .png (retrieval accuracy by context length, per method
 and density).
 """
@@ -18,6 +22,7 @@ and density).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import subprocess
@@ -25,7 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, save_plot, write_json
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kvjax
+from benchmarks.common import RESULTS, device_tag, save_plot, write_json
+from kvjax.decode import SamplingConfig, decode_step, init_cache, prefill
+from kvjax.decode.generate import after_prefill
 
 CONFIG = "configs/smollm2_135m.yaml"
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +103,60 @@ def evaluate(args, name: str, overrides: list[str], work: Path) -> dict:
   }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_forced_nll(model, params, cache, tokens_BxR, start):
+  """Mean loss of tokens 1.. of `tokens_BxR` (positions start + 1 ..), one decode step each."""
+  def body(cache, x):
+    tok_B, pos = x
+    logits_BxV, cache = decode_step(model, params, tok_B, jnp.full(tok_B.shape, pos), cache)
+    return cache, jax.nn.log_softmax(logits_BxV)
+
+  r = tokens_BxR.shape[1]
+  _, logp_RxBxV = jax.lax.scan(body, cache, (tokens_BxR[:, :-1].T, start + jnp.arange(r - 1)))
+  logp_RxB = jnp.take_along_axis(logp_RxBxV, tokens_BxR[:, 1:].T[..., None], axis=-1)[..., 0]
+  return -logp_RxB.mean()
+
+
+def continuation(args, methods: dict, work: Path) -> dict:
+  """Per method: loss and perplexity of `--cont-tokens - 1` held-out tokens after a
+  `--cont-context`-token prefix, through the method's cache. Kept in the work folder per
+  setting; `--resume` reuses a method measured there with the same overrides."""
+  from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+  from kvjax.io import load_weights, tokenizer_for  # noqa: PLC0415
+
+  base = kvjax.load_config(ROOT / CONFIG)
+  params, tokenizer = load_weights(base.model), tokenizer_for(base)
+  text = "\n".join(split_documents(load_documents(base.data.source), base.data.val_fraction)[1])
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  c, r, b = args.cont_context, args.cont_tokens, args.cont_windows
+  width = c + r
+  if len(ids) < b * width:
+    raise SystemExit(f"held-out text has {len(ids)} tokens, fewer than {b} x {width}")
+  windows_BxW = ids[:b * width].reshape(b, width)
+  path = work / f"continuation_{c}_{r}_{b}.json"
+  out = json.loads(path.read_text()) if args.resume and path.exists() else {}
+  for name, spec in methods.items():
+    if out.get(name, {}).get("overrides") == spec["overrides"]:
+      continue
+    cfg = kvjax.load_config(ROOT / CONFIG, spec["overrides"]).model
+    model = kvjax.build_model(cfg)
+    start = time.perf_counter()
+    state = prefill(model, params, jnp.asarray(windows_BxW[:, :c]), jnp.full((b,), c, jnp.int32),
+                    init_cache(cfg, b, width), jax.random.key(0), sampling=SamplingConfig(),
+                    max_new_tokens=r)
+    state = after_prefill(state, r)
+    nbytes = state.cache.nbytes
+    nll = float(_teacher_forced_nll(model, params, state.cache, jnp.asarray(windows_BxW[:, c:]),
+                                    c))
+    out[name] = {"overrides": spec["overrides"], "nll_per_token": nll,
+                 "perplexity": float(np.exp(nll)),
+                 "tokens": b * (r - 1), "kv_cache_bytes_after_prefill": nbytes,
+                 "wall_s": round(time.perf_counter() - start, 1)}
+    print(f"continuation {name}: nll {nll:.4f}, kv bytes {nbytes}", flush=True)
+    path.write_text(json.dumps(out, indent=2))
+  return {name: out[name] for name in methods}
+
+
 def plot(summary: dict) -> None:
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
@@ -120,17 +186,34 @@ def main() -> None:
   p.add_argument("--sinks", type=int, nargs="+", default=[4, 64])
   p.add_argument("--ppl-seq-len", type=int, default=1024)
   p.add_argument("--decode-prompt", type=int, default=2048)
+  p.add_argument("--cont-context", type=int, default=1024)
+  p.add_argument("--cont-tokens", type=int, default=65)
+  p.add_argument("--cont-windows", type=int, default=4)
+  p.add_argument("--resume", action="store_true",
+                 help="reuse the CLI results of the previous summary where the settings match")
   args = p.parse_args()
   work = RESULTS / "moa"
   work.mkdir(parents=True, exist_ok=True)
+  previous = {}
+  if args.resume and (RESULTS / f"moa_{device_tag()}.json").exists():
+    previous = json.loads((RESULTS / f"moa_{device_tag()}.json").read_text())
   summary = {"config": CONFIG, "args": vars(args), "methods": {}}
-  for name, spec in plans(args, work).items():
+  methods = plans(args, work)
+  for name, spec in methods.items():
     if "overrides" not in spec:
       summary[name] = spec["record"]
       continue
+    old = previous.get("methods", {}).get(name)
+    same = old and old["overrides"] == spec["overrides"] and all(
+        previous["args"].get(k) == getattr(args, k)
+        for k in ("lengths", "depths", "samples", "ppl_seq_len", "decode_prompt"))
     summary["methods"][name] = {"density": spec["density"], "overrides": spec["overrides"],
-                                "eval": evaluate(args, name, spec["overrides"], work)}
+                                "eval": old["eval"] if same else evaluate(args, name,
+                                                                           spec["overrides"], work)}
     write_json("moa", summary)
+  summary["continuation"] = continuation(
+      args, {n: s for n, s in methods.items() if "overrides" in s}, work)
+  write_json("moa", summary)
   plot(summary)
 
 
