@@ -25,7 +25,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.decode.cache import DenseLayerCache, tree_nbytes
