@@ -11,7 +11,7 @@ Methods: dense base; AG gates trained on the frozen base at target eviction 25/5
 baseline (StreamingLLM, local window, random, H2O, TOVA, SnapKV) at the ratio AG achieved; and
 an equal-budget control (the base fine-tuned the same steps without eviction, dense).
 
-  python benchmarks/attention_gate.py [--base runs/ag_base] [--workdir runs/ag] [--gate-steps 150]
+  python -m benchmarks.attention_gate [--base runs/ag_base] [--workdir runs/ag] [--gate-steps 150]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,7 @@ from kvjax.decode.throughput import measure
 from kvjax.gate import BASELINES
 from kvjax.gate.baselines import evicted_prefill
 from kvjax.training import restore_params, train
+from kvjax.training.metrics import METRICS_FILE
 
 EVICTIONS = (0.25, 0.5, 0.75)
 
@@ -58,6 +61,12 @@ def trained(cfg_path: str, workdir: str, overrides: list[str]):
   return cfg, restore_params(workdir, cfg)
 
 
+def training_log(workdir: str) -> list[dict]:
+  """The run's logged metrics (loss, LM loss, eviction per layer and K/V head, val loss)."""
+  lines = (Path(workdir) / METRICS_FILE).read_text().splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
+
+
 @jax.jit
 def _continuation_scores(logits_BxTxV, targets_BxT):
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
@@ -79,24 +88,25 @@ def score(model, params, cache, tokens_BxT, prefix: int, first_logits_BxV):
 
 
 def evaluate(method: str, model, params, cfg, tokens_BxT, prefix: int, keep: float):
-  """(loss, hits, achieved keep ratio, KV bytes held) of one method on full windows."""
+  """(loss, hits, achieved keep ratio per (layer, K/V head) `[L, K]`, KV bytes held) of one
+  method on full windows."""
   b, t = tokens_BxT.shape
   room = t - prefix
   prefix_pos = jnp.broadcast_to(jnp.arange(prefix), (b, prefix))
   if method in ("dense", "control"):
     logits, cache = apply_cached(model, params, tokens_BxT[:, :prefix], prefix_pos,
                                  kvjax.decode.init_cache(cfg, b, t))
-    achieved = 1.0
+    achieved = np.ones((cfg.num_kv_layers, cfg.num_kv_heads))
   elif method == "gate":
     logits, cache = apply_cached(model, params, tokens_BxT[:, :prefix], prefix_pos,
                                  kvjax.decode.init_cache(cfg, b, prefix))
     cache = cache.after_prefill(room)
-    achieved = float(cache.kept_counts().mean() / prefix)
+    achieved = cache.kept_counts().mean(axis=1) / prefix
   else:
     n = max(1, round(keep * prefix))
     logits, cache = evicted_prefill(model, params, tokens_BxT[:, :prefix], method, n, room,
                                     jax.random.key(0))
-    achieved = n / prefix
+    achieved = np.full((cfg.num_kv_layers, cfg.num_kv_heads), n / prefix)
   nbytes = cache.nbytes
   loss, hits = score(model, params, cache, tokens_BxT, prefix, logits[:, -1])
   return float(loss), np.asarray(hits), achieved, nbytes
@@ -139,7 +149,9 @@ def main(argv=None) -> None:
                                          jnp.asarray(val), args.prefix, keep)
     _, hits, _, _ = evaluate(method.split("@")[0], model, params, cfg.model, jnp.asarray(copy),
                              args.prefix, keep)
-    r = {"method": method, "target_eviction": target, "achieved_eviction": 1 - achieved,
+    r = {"method": method, "target_eviction": target,
+         "achieved_eviction": float(1 - achieved.mean()),
+         "achieved_eviction_per_layer_head": (1 - achieved).round(4).tolist(),
          "heldout_loss": loss, "copy_accuracy": float(hits[:, 1:].mean()),
          "kv_bytes_after_prefill": nbytes}
     print(r)
@@ -163,11 +175,13 @@ def main(argv=None) -> None:
         "prefill_s", "decode_s", "ms_per_step", "kv_cache_bytes", "device")}})
     print(timing[-1])
 
+  logs = {name: training_log(f"{args.workdir}/{name.replace('@', '_')}")
+          for name in ("control", *(f"gate@{e}" for e in EVICTIONS))}
   write_json("attention_gate", {
       "protocol": {"prefix": args.prefix, "continuation": args.cont, "copy_span": args.span,
                    "windows": args.windows, "gate_steps": args.gate_steps,
                    "base_config": "configs/ag_base.yaml", "gate_config": "configs/ag_gate.yaml"},
-      "results": results, "timing": timing})
+      "results": results, "timing": timing, "training": logs})
   plot(results)
 
 
