@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,11 +46,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cmd: list[str], out: Path | None = None) -> dict:
-  """Runs one CLI command; returns its command line, wall time and JSON output."""
+  """Runs one CLI command; returns its command line, wall time and JSON output. The commands
+  share a persistent compilation cache (the same shapes recur from task to task)."""
   cmd = [*cmd, "--json", str(out)] if out is not None and "--out" not in cmd else cmd
   print(f"$ {shlex.join(cmd)}", flush=True)
+  env = {"JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "kvjax-jax-cache"),
+         **os.environ}
   start = time.perf_counter()
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  subprocess.run(cmd, cwd=ROOT, check=True, env=env)
   record = {"command": shlex.join(cmd).replace(sys.executable, "python"),
             "wall_s": round(time.perf_counter() - start, 1)}
   if out is not None and out.suffix == ".json" and out.exists():
