@@ -13,8 +13,8 @@ its search report recorded. Perplexity (`kvjax.eval`) is teacher-forced under ea
 prefill masks, which H2O does not have (it evicts after a dense prefill), so H2O gets none there;
 the continuation loss, measured in this process, is what every method has: held-out windows are
 prefilled through the method's cache (`init_cache`, `prefill`, `after_prefill`) and their next
-tokens decoded one at a time, teacher-forced. `--resume` reuses the CLI results of a previous
-summary with the same settings. Results:
+tokens decoded one at a time, teacher-forced. `--resume` reuses the results of commands already
+run with the same arguments. Results:
 benchmarks/results/moa_<device>.json and .png (retrieval accuracy by context length, per method
 and density).
 """
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kvjax
-from benchmarks.common import RESULTS, device_tag, save_plot, write_json
+from benchmarks.common import RESULTS, save_plot, write_json
 from kvjax.decode import SamplingConfig, decode_step, init_cache, prefill
 from kvjax.decode.generate import after_prefill
 
@@ -45,19 +45,26 @@ CONFIG = "configs/smollm2_135m.yaml"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str], out: Path | None = None) -> dict:
-  """Runs one CLI command; returns its command line, wall time and JSON output. The commands
-  share a persistent compilation cache (the same shapes recur from task to task)."""
+def run(cmd: list[str], out: Path | None = None, resume: bool = False) -> dict:
+  """Runs one CLI command; returns its command line, wall time and JSON output, also kept beside
+  the output (`resume` reuses that record when the command is the same). The commands share a
+  persistent compilation cache (the same shapes recur from task to task)."""
   cmd = [*cmd, "--json", str(out)] if out is not None and "--out" not in cmd else cmd
+  saved = None if out is None else out.with_name(f"{out.stem}.record.json")
+  command = shlex.join(cmd).replace(sys.executable, "python")
+  if resume and saved is not None and saved.exists():
+    record = json.loads(saved.read_text())
+    if record["command"] == command:
+      return record
   print(f"$ {shlex.join(cmd)}", flush=True)
   env = {"JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "kvjax-jax-cache"),
          **os.environ}
   start = time.perf_counter()
   subprocess.run(cmd, cwd=ROOT, check=True, env=env)
-  record = {"command": shlex.join(cmd).replace(sys.executable, "python"),
-            "wall_s": round(time.perf_counter() - start, 1)}
+  record = {"command": command, "wall_s": round(time.perf_counter() - start, 1)}
   if out is not None and out.suffix == ".json" and out.exists():
     record["result"] = json.loads(out.read_text())
+    saved.write_text(json.dumps(record, indent=2))
   return record
 
 
@@ -96,16 +103,31 @@ def evaluate(args, name: str, overrides: list[str], work: Path) -> dict:
   long = ["--lengths", *map(str, args.lengths), "--depths", *map(str, args.depths),
           "--samples", str(args.samples)]
   evicts = any(o.startswith("model.eviction.policy=") for o in overrides)
+  text = heldout_text(args, work)
   return {
-      "passkey": run([*ev, "--task", "passkey", *long, *overrides], work / f"{name}_passkey.json"),
-      "lines": run([*ev, "--task", "lines", *long, *overrides], work / f"{name}_lines.json"),
+      "passkey": run([*ev, "--task", "passkey", *long, *overrides], work / f"{name}_passkey.json",
+                     args.resume),
+      "lines": run([*ev, "--task", "lines", *long, *overrides], work / f"{name}_lines.json",
+                   args.resume),
       "perplexity": None if evicts else run(
-          [*ev, "--task", "perplexity", "--seq-len", str(args.ppl_seq_len), *overrides],
-          work / f"{name}_ppl.json"),
+          [*ev, "--task", "perplexity", "--text", str(text), "--seq-len", str(args.ppl_seq_len),
+           *overrides], work / f"{name}_ppl.json", args.resume),
       "decode": run([sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
                      "--prompt-len", str(args.decode_prompt), "--gen-len", "32", *overrides],
-                    work / f"{name}_decode.json"),
+                    work / f"{name}_decode.json", args.resume),
   }
+
+
+def heldout_text(args, work: Path) -> Path:
+  """The first `--ppl-chars` characters of the config's validation documents, as a file."""
+  from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+
+  data = kvjax.load_config(ROOT / CONFIG).data
+  path = work / f"heldout_{args.ppl_chars}.txt"
+  if not path.exists():
+    docs = split_documents(load_documents(data.source), data.val_fraction)[1]
+    path.write_text("\n".join(docs)[:args.ppl_chars], encoding="utf-8")
+  return path
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -190,31 +212,24 @@ def main() -> None:
   p.add_argument("--alphas", type=int, nargs=3, default=[-512, 2048, 256])
   p.add_argument("--sinks", type=int, nargs="+", default=[4, 64])
   p.add_argument("--ppl-seq-len", type=int, default=1024)
+  p.add_argument("--ppl-chars", type=int, default=20_000, help="held-out text for perplexity")
   p.add_argument("--decode-prompt", type=int, default=2048)
   p.add_argument("--cont-context", type=int, default=1024)
   p.add_argument("--cont-tokens", type=int, default=65)
   p.add_argument("--cont-windows", type=int, default=4)
   p.add_argument("--resume", action="store_true",
-                 help="reuse the CLI results of the previous summary where the settings match")
+                 help="reuse CLI results and continuation losses already in the work folder")
   args = p.parse_args()
   work = RESULTS / "moa"
   work.mkdir(parents=True, exist_ok=True)
-  previous = {}
-  if args.resume and (RESULTS / f"moa_{device_tag()}.json").exists():
-    previous = json.loads((RESULTS / f"moa_{device_tag()}.json").read_text())
   summary = {"config": CONFIG, "args": vars(args), "methods": {}}
   methods = plans(args, work)
   for name, spec in methods.items():
     if "overrides" not in spec:
       summary[name] = spec["record"]
       continue
-    old = previous.get("methods", {}).get(name)
-    same = old and old["overrides"] == spec["overrides"] and all(
-        previous["args"].get(k) == getattr(args, k)
-        for k in ("lengths", "depths", "samples", "ppl_seq_len", "decode_prompt"))
     summary["methods"][name] = {"density": spec["density"], "overrides": spec["overrides"],
-                                "eval": old["eval"] if same else evaluate(args, name,
-                                                                           spec["overrides"], work)}
+                                "eval": evaluate(args, name, spec["overrides"], work)}
     write_json("moa", summary)
   summary["continuation"] = continuation(
       args, {n: s for n, s in methods.items() if "overrides" in s}, work)
