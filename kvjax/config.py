@@ -147,6 +147,9 @@ class ModelConfig:
   # Run the layers as one `nn.scan` over groups of (producer + consumers): compile time and
   # program size stop growing with depth; parameters and the dense cache gain a leading axis.
   scan_layers: bool = False
+  # Recompute each layer's activations in the backward pass instead of storing them
+  # (`nn.remat` around every layer, or around the scanned group): memory for compute.
+  remat: bool = False
   # MoA (`kvjax.moa`): a JSON plan of per-head elastic sparse windows; "" for dense attention.
   moa_plan: str = ""
   moa_block_size: int = 64  # prefill block and cache size granularity
@@ -293,6 +296,10 @@ class DataConfig:
     _require(self.worker_count >= 0, "data.worker_count", "must be >= 0")
 
 
+# Kernels LoRA can adapt: attention projections, and the MLP's (`gate` is the SwiGLU gate).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Optimisation, evaluation, checkpointing and logging cadence."""
@@ -318,6 +325,10 @@ class TrainConfig:
   sample_temperature: float = 0.8
   base: str = ""  # a kvjax training workdir whose parameters start this run (see freeze_base)
   freeze_base: bool = False  # train only what the base (train.base or model.weights) lacks
+  # LoRA on the frozen base (`kvjax.training.lora`): kernel W + (A @ B) * lora_alpha / lora_rank.
+  lora_rank: int = 0  # 0: no LoRA
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # of LORA_TARGETS
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
@@ -331,6 +342,12 @@ class TrainConfig:
     _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1/b2", "must be in [0, 1)")
     _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
     _require(self.sample_temperature >= 0, "train.sample_temperature", "must be >= 0 (0: greedy)")
+    _require(self.lora_rank >= 0, "train.lora_rank", f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
+    _require(self.lora_alpha > 0, "train.lora_alpha", "must be > 0")
+    _require(bool(self.lora_targets), "train.lora_targets", f"must name at least one of "
+             f"{', '.join(LORA_TARGETS)}")
+    for target in self.lora_targets:
+      _choice(target, "train.lora_targets", LORA_TARGETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +385,8 @@ class Config:
     _require(not self.train.freeze_base or bool(self.train.base or self.model.weights),
              "train.freeze_base", "needs a base to freeze: set train.base (a training workdir) "
              "or model.weights")
+    _require(not self.train.lora_rank or self.train.freeze_base, "train.lora_rank",
+             "needs train.freeze_base: true (LoRA adapts a frozen base)")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

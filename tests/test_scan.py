@@ -1,4 +1,5 @@
-"""Scanned layers (`model.scan_layers`): the same model as the unrolled one, in one `nn.scan`."""
+"""Scanned layers (`model.scan_layers`): the same model as the unrolled one, in one `nn.scan`;
+and `model.remat`, which changes memory, never values."""
 
 import dataclasses
 
@@ -149,3 +150,21 @@ def test_block_transformer_scans_both_decoders():
                                  cache=init_cache(c, 2, 16), sampling=SamplingConfig()).tokens
   np.testing.assert_array_equal(run(scanned, stacked, scanned_cfg.model),
                                 run(model, params, cfg.model))
+
+
+@pytest.mark.parametrize("scan", ["false", "true"])
+def test_remat_recomputes_layers_with_the_same_gradients(scan):
+  base = ("model.num_layers=4", "model.kv_sharing.factor=2", f"model.scan_layers={scan}")
+  _, model, params = tiny_model(*base)
+  _, remat_model, _ = tiny_model(*base, "model.remat=true")
+  params, tokens = nn.meta.unbox(params), random_tokens(2, 12, seed=9)
+
+  def grad_fn(m):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        m.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:]).mean()
+    return jax.grad(loss)
+
+  is_remat = lambda m: "remat" in str(jax.make_jaxpr(grad_fn(m))(params))  # jax.checkpoint
+  assert is_remat(remat_model) and not is_remat(model)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               jax.jit(grad_fn(remat_model))(params), jax.jit(grad_fn(model))(params))

@@ -21,7 +21,7 @@ class DecoderBlock(nn.Module):
   layer: int = 0
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, *, kv=None, cache=None):
+  def __call__(self, x_BxTxD, positions_BxT, kv=None, cache=None):
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                 name=name)
@@ -50,7 +50,7 @@ class LayerGroup(nn.Module):
     kv = None
     for j in range(self.cfg.scan_group_size):
       x_BxTxD, kv, layer_cache = DecoderBlock(self.cfg, owns_kv=j == 0, name=f"layer_{j}")(
-          x_BxTxD, positions_BxT, kv=kv, cache=layer_cache)
+          x_BxTxD, positions_BxT, kv, layer_cache)
     return (x_BxTxD, None if cache is None else layer_cache.stack), None
 
 
@@ -112,7 +112,8 @@ class Transformer(nn.Module):
     cfg = self.cfg
     if cfg.scan_layers:
       groups = cfg.num_layers // cfg.scan_group_size
-      scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+      group = nn.remat(LayerGroup, prevent_cse=False) if cfg.remat else LayerGroup
+      scan = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, 0), length=groups,
                      metadata_params={nn.PARTITION_NAME: "layers"})
       (x_BxTxD, cache), _ = scan(cfg, name="layers")(
@@ -122,10 +123,11 @@ class Transformer(nn.Module):
     buffer_of = kv_sharing.buffer_of(producer_of)
     buffers = None if cache is None else list(cache.layers)
     kv_of = {}
+    block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
     for i, p in enumerate(producer_of):
       layer_cache = None if cache is None else buffers[buffer_of[i]]
-      x_BxTxD, kv, layer_cache = DecoderBlock(cfg, owns_kv=p == i, layer=i, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, kv=kv_of.get(p), cache=layer_cache)
+      x_BxTxD, kv, layer_cache = block(cfg, owns_kv=p == i, layer=i, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, kv_of.get(p), layer_cache)
       kv_of[i] = kv
       if cache is not None:
         buffers[buffer_of[i]] = layer_cache
