@@ -342,7 +342,8 @@ class TrainConfig:
     _require(0.0 <= self.b1 < 1.0 and 0.0 <= self.b2 < 1.0, "train.b1/b2", "must be in [0, 1)")
     _require(self.grad_clip > 0, "train.grad_clip", "must be > 0")
     _require(self.sample_temperature >= 0, "train.sample_temperature", "must be >= 0 (0: greedy)")
-    _require(self.lora_rank >= 0, "train.lora_rank", f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
+    _require(self.lora_rank >= 0, "train.lora_rank",
+             f"must be >= 0 (0: no LoRA), got {self.lora_rank}")
     _require(self.lora_alpha > 0, "train.lora_alpha", "must be > 0")
     _require(bool(self.lora_targets), "train.lora_targets", f"must name at least one of "
              f"{', '.join(LORA_TARGETS)}")

@@ -3,7 +3,8 @@ eviction baselines it is compared with, all on the compacted cache of `kvjax.dec
 """
 
 from kvjax.gate.baselines import BASELINES, baseline_keep
-from kvjax.gate.layer import AttentionGate, eviction_loss, straight_through, visible_weights
+from kvjax.gate.layer import (AttentionGate, eviction_loss, is_gate_param, straight_through,
+                              visible_weights)
 
-__all__ = ["BASELINES", "AttentionGate", "baseline_keep", "eviction_loss", "straight_through",
-           "visible_weights"]
+__all__ = ["BASELINES", "AttentionGate", "baseline_keep", "eviction_loss", "is_gate_param",
+           "straight_through", "visible_weights"]

@@ -31,6 +31,12 @@ def _logit(p: float) -> float:
   return math.log(p / (1 - p))
 
 
+def is_gate_param(path: tuple[str, ...]) -> bool:
+  """Whether a parameter path (flattened dict keys) lies in an attention layer's gate, which a
+  base model's checkpoint does not hold (the MLP's `gate` projection is not one)."""
+  return any(a == "attn" and b == "gate" for a, b in zip(path, path[1:]))
+
+
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
   """Exactly `hard` (as float) forward, the gradient of `soft` backward."""
   return hard.astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))

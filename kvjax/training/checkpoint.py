@@ -20,8 +20,9 @@ import yaml
 from kvjax.config import Config, ConfigError
 from kvjax.io.errors import CheckpointError
 from kvjax.models import build_model
-from kvjax.training.base import load_base, merge_params, split_params
-from kvjax.training.state import TrainState, init_params
+from kvjax.training.base import load_base, model_params
+from kvjax.training.lora import lora_scale
+from kvjax.training.state import TrainState, init_trained
 
 CONFIG_FILE = "config.yaml"
 
@@ -136,11 +137,13 @@ def restore_params(workdir: str | Path, cfg: Config):
     if step is None:
       raise CheckpointError(f"no complete checkpoint in {directory}; train one first with "
                             f"`python train.py --workdir {workdir}`")
-    init = functools.partial(init_params, build_model(cfg.model), cfg.data.seq_len)
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    base = load_base(cfg.model, cfg.train) if cfg.train.freeze_base else None
-    if base is not None:  # the run trained and saved only what its frozen base lacks
-      abstract = split_params(abstract, base)[0]
+    tcfg = cfg.train
+    # With a frozen base, the run trained and saved only what the base lacks (and LoRA).
+    base = load_base(cfg.model, tcfg) if tcfg.freeze_base else None
+    init = functools.partial(init_trained, build_model(cfg.model), cfg.data.seq_len,
+                             freeze_base=tcfg.freeze_base, lora_rank=tcfg.lora_rank,
+                             lora_targets=tcfg.lora_targets)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0), base)
     _check_params(manager, step, abstract)
     params = _restore(manager, step, params=ocp.args.StandardRestore(abstract)).params
-    return merge_params(base, params)
+    return model_params(base, params, lora_scale(tcfg))

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -71,7 +72,9 @@ def _restore_or_init(manager, steps: Steps, seed: int, data_iter) -> TrainState:
     state = steps.init(jax.random.PRNGKey(seed))
   else:
     state = checkpoint.restore(manager, step, steps.abstract, data_iter)
-  return state.replace(frozen=steps.frozen)
+  # A copy: the training step donates the whole state, so a second run in this process (on the
+  # same compiled steps) would find the frozen base deleted.
+  return state.replace(frozen=jax.tree.map(jnp.copy, steps.frozen))
 
 
 def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainResult:
@@ -126,7 +129,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
           postfix["loss"] = f"{logged['loss']:.4f}"
           history = []
         if evaluate_now:
-          val_loss = evaluate(steps.eval_step, state.model_params, val_batches)
+          val_loss = evaluate(steps.eval_step, steps.model_params(state), val_batches)
           writer.write(step, {"val_loss": val_loss})
           postfix["val_loss"] = f"{val_loss:.4f}"
         if save_now:
@@ -134,11 +137,11 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
         bar.set_postfix(postfix)
         clock.mark(step)
     if val_loss is None:  # nothing left to train: the run was complete already
-      val_loss = evaluate(steps.eval_step, state.model_params, val_batches)
+      val_loss = evaluate(steps.eval_step, steps.model_params(state), val_batches)
     samples = ()
     if tcfg.sample_tokens:
       rng = jax.random.fold_in(jax.random.PRNGKey(tcfg.seed), step)
-      samples = tuple(generate_samples(build_model(cfg.model), state.model_params, cfg, data.tokenizer,
-                                       prompt_ids, rng))
+      samples = tuple(generate_samples(build_model(cfg.model), steps.model_params(state), cfg,
+                                       data.tokenizer, prompt_ids, rng))
     return TrainResult(step=step, val_loss=val_loss, samples=samples,
                        tokens_per_s=clock.total_rate())
