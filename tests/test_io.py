@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 
+import flax.traverse_util
 import gguf
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +82,26 @@ def test_hf_directory_loads_into_scanned_layers(tiny_hf):
   params = kio.load_weights(cfg)
   assert "layers" in params and "layer_0" not in params
   np.testing.assert_allclose(forward(cfg, params, tokens), want, atol=2e-5, rtol=1e-4)
+
+
+def test_gated_config_loads_with_fresh_gates_and_the_rest_from_the_file(tiny_hf):
+  path, ref = tiny_hf
+  plain = kio.model_config_from_checkpoint(str(path))
+  cfg = dataclasses.replace(plain, attention_gate=dataclasses.replace(
+      plain.attention_gate, enable=True, num_heads=2, head_dim=8))
+  gated = flax.traverse_util.flatten_dict(kio.load_weights(cfg))
+  loaded = flax.traverse_util.flatten_dict(kio.load_weights(plain))
+  extra = set(gated) - set(loaded)
+  assert extra and all(p[1:3] == ("attn", "gate") for p in extra) and set(loaded) <= set(gated)
+  for p, leaf in loaded.items():
+    np.testing.assert_array_equal(gated[p], leaf)
+  assert all(np.abs(gated[p]).max() > 0 for p in extra)
+  tokens = np.random.default_rng(2).integers(0, TINY_LLAMA["vocab_size"], (1, 11))
+  with torch.no_grad():
+    want = ref(torch.as_tensor(tokens)).logits.numpy()
+  # A fresh gate keeps every token: the gated model is the checkpoint's.
+  got = forward(cfg, flax.traverse_util.unflatten_dict(gated), tokens)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_gguf_logits_equal_transformers_on_the_same_file(smollm2, hf_tokenizer):

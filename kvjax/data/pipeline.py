@@ -17,7 +17,7 @@ import numpy as np
 
 from kvjax.config import Config, ConfigError
 from kvjax.data.corpus import load_documents, split_documents
-from kvjax.data.tokenizers import Tokenizer, get_tokenizer
+from kvjax.data.tokenizers import Tokenizer
 
 
 def token_stream(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
@@ -97,8 +97,11 @@ class Data:
 
 
 def make_data(cfg: Config) -> Data:
-  """Reads `data.source`, splits and tokenizes it, and builds both pipelines."""
-  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  """Reads `data.source`, splits and tokenizes it (with the checkpoint's own tokenizer when
+  `model.weights` is set), and builds both pipelines."""
+  from kvjax.io import tokenizer_for  # noqa: PLC0415 (kvjax.io is heavy; most runs need bytes)
+
+  tokenizer = tokenizer_for(cfg)
   train_docs, val_docs = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)
   train_tokens = token_stream(train_docs, tokenizer)
   val_tokens = token_stream([d for d in val_docs if d], tokenizer)

@@ -1,7 +1,8 @@
 """Llama checkpoints (HF names, HF layout) -> kvjax ModelConfig fields and a params pytree.
 
 The target tree is whatever `build_model(cfg).init` would create (found with `jax.eval_shape`),
-so the loaded params always match the model; every leaf must come from the checkpoint and every
+so the loaded params always match the model; every leaf must come from the checkpoint, except
+an attention gate's (a Llama checkpoint has none: they are freshly initialised), and every
 checkpoint tensor must land somewhere.
 """
 
@@ -11,12 +12,14 @@ import dataclasses
 import math
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ConfigError, ModelConfig
+from kvjax.gate.layer import is_gate_param
 from kvjax.io.errors import CheckpointError
 from kvjax.models import build_model
 from kvjax.models.llama import stack_layers
@@ -66,8 +69,19 @@ def _hf_name(path: tuple[str, ...]) -> str:
                         f"checkpoint")
 
 
+def _initialised_gates(cfg: ModelConfig, tokens) -> dict[tuple[str, ...], jax.Array]:
+  """The attention gates' leaves of a fresh `build_model(cfg)` (none without gates); the jitted
+  init computes only those."""
+  def init():
+    params = nn.unbox(build_model(cfg).init(jax.random.key(0), tokens)["params"])
+    return {path: leaf for path, leaf in flax.traverse_util.flatten_dict(params).items()
+            if is_gate_param(path)}
+  return jax.jit(init)() if cfg.attention_gate.enable else {}
+
+
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str):
-  """Maps HF-named `[out, in]` tensors onto the params tree of `build_model(cfg)`."""
+  """Maps HF-named `[out, in]` tensors onto the params tree of `build_model(cfg)`; attention
+  gates are initialised."""
   if cfg.scan_layers:  # checkpoints name layers one by one: fill the unrolled tree, then stack
     unrolled = params_from_tensors(tensors, dataclasses.replace(cfg, scan_layers=False), where)
     return stack_layers(unrolled, cfg)
@@ -75,8 +89,10 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where:
   abstract = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), tokens))["params"]
   flat = flax.traverse_util.flatten_dict(abstract)
   unused = set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-  out = {}
+  out = _initialised_gates(cfg, tokens)
   for path, leaf in flat.items():
+    if path in out:
+      continue
     leaf = getattr(leaf, "value", leaf)  # nn.Partitioned boxes from logical partitioning
     name = _hf_name(path)
     if name not in tensors:
