@@ -42,6 +42,7 @@ from kvjax.decode import SamplingConfig, decode_step, init_cache, prefill
 from kvjax.decode.generate import after_prefill
 
 CONFIG = "configs/smollm2_135m.yaml"
+TASKS = ("passkey", "lines", "perplexity", "decode")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -104,18 +105,17 @@ def evaluate(args, name: str, overrides: list[str], work: Path) -> dict:
           "--samples", str(args.samples)]
   evicts = any(o.startswith("model.eviction.policy=") for o in overrides)
   text = heldout_text(args, work)
-  return {
-      "passkey": run([*ev, "--task", "passkey", *long, *overrides], work / f"{name}_passkey.json",
-                     args.resume),
-      "lines": run([*ev, "--task", "lines", *long, *overrides], work / f"{name}_lines.json",
-                   args.resume),
-      "perplexity": None if evicts else run(
-          [*ev, "--task", "perplexity", "--text", str(text), "--seq-len", str(args.ppl_seq_len),
-           *overrides], work / f"{name}_ppl.json", args.resume),
-      "decode": run([sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
-                     "--prompt-len", str(args.decode_prompt), "--gen-len", "32", *overrides],
-                    work / f"{name}_decode.json", args.resume),
+  commands = {
+      "passkey": [*ev, "--task", "passkey", *long],
+      "lines": [*ev, "--task", "lines", *long],
+      "perplexity": None if evicts else [*ev, "--task", "perplexity", "--text", str(text),
+                                         "--seq-len", str(args.ppl_seq_len)],
+      "decode": [sys.executable, "decode.py", "--config", CONFIG, "--batch", "1",
+                 "--prompt-len", str(args.decode_prompt), "--gen-len", "32"],
   }
+  files = {"passkey": "passkey", "lines": "lines", "perplexity": "ppl", "decode": "decode"}
+  return {task: run([*cmd, *overrides], work / f"{name}_{files[task]}.json", args.resume)
+          if cmd and task in args.tasks else None for task, cmd in commands.items()}
 
 
 def heldout_text(args, work: Path) -> Path:
@@ -192,6 +192,8 @@ def plot(summary: dict) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for ax, task in zip(axes, ("passkey", "lines")):
     for name, rec in summary["methods"].items():
+      if not rec["eval"][task]:
+        continue
       table = rec["eval"][task]["result"]["result"]["by_length"]
       lengths = sorted(int(n) for n in table)
       ax.plot(lengths, [table[str(n)]["accuracy"] for n in lengths], marker="o", label=name)
@@ -217,6 +219,8 @@ def main() -> None:
   p.add_argument("--cont-context", type=int, default=1024)
   p.add_argument("--cont-tokens", type=int, default=65)
   p.add_argument("--cont-windows", type=int, default=4)
+  p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
+                 help="CLI measurements to run (with --resume, passes can add tasks)")
   p.add_argument("--resume", action="store_true",
                  help="reuse CLI results and continuation losses already in the work folder")
   args = p.parse_args()
