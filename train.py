@@ -59,8 +59,9 @@ def main(argv=None) -> int:
       return 1
   if jax.process_index() == 0:
     speed = "" if result.tokens_per_s is None else f"; {result.tokens_per_s:,.0f} training tokens/s"
+    tokens = f"{cfg.model.weights}'s" if cfg.model.weights else cfg.data.tokenizer
     print(f"step {result.step}: validation loss {result.val_loss:.4f} nats/token "
-          f"({cfg.data.tokenizer} tokens){speed}")
+          f"({tokens} tokens){speed}")
     for text in result.samples:
       print(f"--- sample ---\n{text}")
   return 0
