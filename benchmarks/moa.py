@@ -46,17 +46,32 @@ TASKS = ("passkey", "lines", "perplexity", "decode")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _with_out(cmd: list[str], out: Path | None) -> list[str]:
+  return [*cmd, "--json", str(out)] if out is not None and "--out" not in cmd else cmd
+
+
+def _saved(out: Path) -> Path:
+  return out.with_name(f"{out.stem}.record.json")
+
+
+def saved_record(cmd: list[str], out: Path) -> dict | None:
+  """The record `run` kept for this exact command, if any."""
+  saved = _saved(out)
+  if not saved.exists():
+    return None
+  record = json.loads(saved.read_text())
+  command = shlex.join(_with_out(cmd, out)).replace(sys.executable, "python")
+  return record if record["command"] == command else None
+
+
 def run(cmd: list[str], out: Path | None = None, resume: bool = False) -> dict:
   """Runs one CLI command; returns its command line, wall time and JSON output, also kept beside
   the output (`resume` reuses that record when the command is the same). The commands share a
   persistent compilation cache (the same shapes recur from task to task)."""
-  cmd = [*cmd, "--json", str(out)] if out is not None and "--out" not in cmd else cmd
-  saved = None if out is None else out.with_name(f"{out.stem}.record.json")
+  if resume and out is not None and (record := saved_record(cmd, out)):
+    return record
+  cmd = _with_out(cmd, out)
   command = shlex.join(cmd).replace(sys.executable, "python")
-  if resume and saved is not None and saved.exists():
-    record = json.loads(saved.read_text())
-    if record["command"] == command:
-      return record
   print(f"$ {shlex.join(cmd)}", flush=True)
   env = {"JAX_COMPILATION_CACHE_DIR": str(Path(tempfile.gettempdir()) / "kvjax-jax-cache"),
          **os.environ}
@@ -65,7 +80,7 @@ def run(cmd: list[str], out: Path | None = None, resume: bool = False) -> dict:
   record = {"command": command, "wall_s": round(time.perf_counter() - start, 1)}
   if out is not None and out.suffix == ".json" and out.exists():
     record["result"] = json.loads(out.read_text())
-    saved.write_text(json.dumps(record, indent=2))
+    _saved(out).write_text(json.dumps(record, indent=2))
   return record
 
 
@@ -114,8 +129,16 @@ def evaluate(args, name: str, overrides: list[str], work: Path) -> dict:
                  "--prompt-len", str(args.decode_prompt), "--gen-len", "32"],
   }
   files = {"passkey": "passkey", "lines": "lines", "perplexity": "ppl", "decode": "decode"}
-  return {task: run([*cmd, *overrides], work / f"{name}_{files[task]}.json", args.resume)
-          if cmd and task in args.tasks else None for task, cmd in commands.items()}
+  results = {}
+  for task, cmd in commands.items():
+    out = work / f"{name}_{files[task]}.json"
+    if cmd is None:
+      results[task] = None
+    elif task in args.tasks:
+      results[task] = run([*cmd, *overrides], out, args.resume)
+    else:  # not run now; what an earlier pass measured still belongs in the summary
+      results[task] = saved_record([*cmd, *overrides], out) if args.resume else None
+  return results
 
 
 def heldout_text(args, work: Path) -> Path:
@@ -220,7 +243,8 @@ def main() -> None:
   p.add_argument("--cont-tokens", type=int, default=65)
   p.add_argument("--cont-windows", type=int, default=4)
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS,
-                 help="CLI measurements to run (with --resume, passes can add tasks)")
+                 help="CLI measurements to run; with --resume the summary also keeps the "
+                      "others' earlier results")
   p.add_argument("--resume", action="store_true",
                  help="reuse CLI results and continuation losses already in the work folder")
   args = p.parse_args()
