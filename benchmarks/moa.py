@@ -208,20 +208,25 @@ def continuation(args, methods: dict, work: Path) -> dict:
 
 
 def plot(summary: dict) -> None:
+  """Passkey accuracy by context length and by depth, and line retrieval where measured."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, task in zip(axes, ("passkey", "lines")):
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+  panels = (("passkey", "by_length", "context tokens"), ("passkey", "by_depth", "depth of the key"),
+            ("lines", "by_length", "context tokens"))
+  for ax, (task, key, xlabel) in zip(axes, panels):
     for name, rec in summary["methods"].items():
       if not rec["eval"][task]:
         continue
-      table = rec["eval"][task]["result"]["result"]["by_length"]
-      lengths = sorted(int(n) for n in table)
-      ax.plot(lengths, [table[str(n)]["accuracy"] for n in lengths], marker="o", label=name)
-    ax.set(title=f"{task} retrieval", xlabel="context tokens", ylabel="accuracy", ylim=(-0.05, 1.05))
-  axes[1].legend(fontsize=7)
+      table = rec["eval"][task]["result"]["result"][key]
+      xs = sorted(table, key=float)
+      ax.plot([float(x) for x in xs], [table[x]["accuracy"] for x in xs], marker="o", label=name,
+              linestyle="-" if name.startswith(("dense", "moa")) else "--")
+    ax.set(title=f"{task} accuracy {key.replace('_', ' ')}", xlabel=xlabel, ylabel="accuracy",
+           ylim=(-0.05, 1.05))
+  axes[0].legend(fontsize=7)
   save_plot(fig, "moa")
 
 
