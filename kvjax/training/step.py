@@ -12,16 +12,16 @@ from flax import traverse_util
 from kvjax import sharding
 from kvjax.config import MeshConfig, ModelConfig, TrainConfig
 from kvjax.models import build_model
-from kvjax.training.base import load_base, model_params
+from kvjax.training.base import load_base, merge_params, model_params
 from kvjax.training.lora import lora_scale
 from kvjax.training.loss import loss_fn_for
 from kvjax.training.optimizer import lr_schedule, make_optimizer
 from kvjax.training.state import TrainState, init_state
 
 
-def make_train_step(model, loss_fn, optimizer, schedule, merge):
+def make_train_step(model, loss_fn, optimizer, schedule, merge=merge_params):
   """`(state, tokens_BxT1) -> (state, metrics)`, to be jitted on a mesh (`sharding.shard_step`);
-  `merge(frozen, trained)` gives the parameters the model applies."""
+  `merge(frozen, trained)` gives the parameters the model applies (with LoRA: `model_params`)."""
 
   def train_step(state: TrainState, tokens_BxT1):
     rng, step_rng = jax.random.split(state.rng)
