@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.data.tokenizers import ByteTokenizer
+from kvjax.data.tokenizers import ByteTokenizer, get_tokenizer
 from kvjax.decode import generate, init_cache
 from kvjax.eval import long_context, multiple_choice, synthetic
 from kvjax.eval.__main__ import main as eval_main
@@ -83,6 +83,15 @@ def test_generators_are_seeded_and_place_the_answer_at_the_depth(task):
   end = make(tok, np.random.default_rng(7), 2000, 1.0)
   first = lambda s: s.prompt.index(s.answer) / len(s.prompt)
   assert first(a) < 0.25 < 0.75 < first(end)
+
+
+@pytest.mark.parametrize("task", ["passkey", "lines"])
+def test_generators_fit_the_length_in_bpe_tokens(task):
+  """BPE tokens per word vary; a prompt over the requested length would not fit the cache."""
+  tok = get_tokenizer("gpt2")
+  for length in (500, 3000):
+    n = len(tok.encode(getattr(synthetic, task)(tok, np.random.default_rng(3), length, 1.0).prompt))
+    assert 0.9 * length <= n <= length, (length, n)
 
 
 def test_passkey_at_the_end_is_still_followed_by_filler():

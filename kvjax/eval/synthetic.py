@@ -99,6 +99,10 @@ def lines(tokenizer, rng: np.random.Generator, length: int, depth: float) -> Sam
   n = _fill(tokenizer, length, _LINES_INTRO + ask(probe), line(probe, 12345))
   words = list(dict.fromkeys(_word(rng) for _ in range(4 * n)))[:n]
   values = rng.integers(10_000, 100_000, len(words))
+  # Random words tokenize to more or fewer tokens than the probe: keep the lines that fit.
+  room = length - _ntokens(tokenizer, _LINES_INTRO + ask(probe))
+  used = np.cumsum([_ntokens(tokenizer, line(w, v)) for w, v in zip(words, values)])
+  words = words[:max(1, int(np.searchsorted(used, room, side="right")))]
   target = min(len(words) - 1, round(depth * (len(words) - 1)))
   record = "".join(line(w, v) for w, v in zip(words, values))
   return Sample(_LINES_INTRO + record + ask(words[target]), str(values[target]), length, depth)
