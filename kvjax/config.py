@@ -210,7 +210,8 @@ class ModelConfig:
              "kv_sharing.factor dividing model.num_layers or the same pattern as one, got "
              f"producer_of={list(self.producer_of)}")
     for field, on in (("moa_plan", bool(self.moa_plan)),
-                      ("attention_gate.enable", self.attention_gate.enable)):
+                      ("attention_gate.enable", self.attention_gate.enable),
+                      ("eviction.policy", self.eviction.policy != "none")):
       _require(not on, "model.scan_layers", f"cannot be combined with model.{field}: its caches "
                "differ from layer to layer, so they cannot be stacked (unroll the layers)")
 

@@ -5,14 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_tokens, tiny_model
 
 import kvjax
 from kvjax.config import ConfigError
 from kvjax.decode import SamplingConfig, decode_loop, generate, init_cache, prefill
 from kvjax.decode.eviction import EvictionCache
 from kvjax.decode.generate import after_prefill
+from kvjax.decode.throughput import method_name
 from kvjax.eval.scoring import prefill_chunks
+from tests.helpers import random_tokens, tiny_model
 
 GREEDY = SamplingConfig()
 
@@ -151,3 +152,8 @@ def test_eval_chunked_generation_equals_generate():
                           eos_id=None, pad_id=0, chunk=8)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert (np.asarray(got.tokens) != np.asarray(dense.tokens)).any()
+
+
+def test_decode_reports_the_policy_in_the_method_tag():
+  cfg = kvjax.load_config(None, ["model.eviction.policy=h2o", "model.eviction.keep_ratio=0.25"])
+  assert method_name(cfg.model) == "llama/mha/h2o@0.25"

@@ -132,6 +132,7 @@ def test_train_py_trains_and_decodes_a_scanned_model(text_dir, tmp_path):
     ((SIX, "model.kv_sharing.producer_of=[0,0,2,2,2,2]"), "same size"),
     (("model.num_layers=5", "model.kv_sharing.factor=2"), "same size"),
     (("model.attention_gate.enable=true",), "attention_gate.enable"),
+    (("model.eviction.policy=h2o",), "eviction.policy"),
 ])
 def test_patterns_and_methods_that_cannot_be_scanned_are_rejected(overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -39,6 +39,8 @@ def method_name(cfg: ModelConfig) -> str:
     parts.append("moa")
   if cfg.attention_gate.enable:
     parts.append("gate")
+  if cfg.eviction.policy != "none":
+    parts.append(f"{cfg.eviction.policy}@{cfg.eviction.keep_ratio:g}")
   return "/".join(parts)
 
 
