@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import kvjax
 from kvjax import sharding
-from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
 from kvjax.decode import SamplingConfig, generate, init_cache
 from kvjax.decode.throughput import measure
 
@@ -67,19 +65,6 @@ def check_args(args, cfgs) -> None:
     SamplingConfig(args.temperature, args.top_k, args.top_p)
   except ValueError as e:
     raise UsageError(str(e)) from None
-
-
-def load_params(cfg, checkpoint: str | None):
-  """Trained params from a workdir, pretrained weights from `model.weights`, or random ones."""
-  model = kvjax.build_model(cfg.model)
-  if checkpoint:
-    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
-    return model, restore_params(checkpoint, cfg)
-  if getattr(cfg.model, "weights", ""):
-    from kvjax.io import load_weights  # noqa: PLC0415
-    return model, load_weights(cfg.model)
-  print("note: no --checkpoint or model.weights; using random weights", file=sys.stderr)
-  return model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
 def placed_on_mesh(cfg, model, params, batch: int, max_len: int):
@@ -132,7 +117,7 @@ def main(argv=None) -> None:
     checkpoints = args.checkpoint or [None] * len(cfgs)
     results = []
     for path, cfg, ckpt in zip(args.config, cfgs, checkpoints):
-      model, params = load_params(cfg, ckpt)
+      model, params = kvjax.build_model(cfg.model), load_params(cfg, ckpt)
       if args.prompt is not None:
         results.append({"config": path, **generate_text(cfg, model, params, args)})
         continue

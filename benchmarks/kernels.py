@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import save_plot, write_json
-from kvjax.pallas_kernels import (block_sparse_decode, block_sparse_decode_ref, range_tables,
-                                  shared_kv_decode, shared_kv_decode_ref)
+from kvjax.pallas_kernels import (block_sparse_decode, block_sparse_decode_ref, shared_kv_decode,
+                                  shared_kv_decode_ref)
 
 HEAD_DIM = 128
 DTYPE = jnp.bfloat16

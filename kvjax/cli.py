@@ -25,3 +25,20 @@ def usage_errors():
 def add_config_args(parser) -> None:
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="config overrides, e.g. model.num_layers=4 train.steps=30")
+
+
+def load_params(cfg, checkpoint: str | None):
+  """Trained params from a workdir, pretrained weights from `model.weights`, or random ones."""
+  if checkpoint:
+    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
+    return restore_params(checkpoint, cfg)
+  if cfg.model.weights:
+    from kvjax.io import load_weights  # noqa: PLC0415
+    return load_weights(cfg.model)
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import kvjax  # noqa: PLC0415
+  print("note: no --checkpoint or model.weights; using random weights", file=sys.stderr)
+  model = kvjax.build_model(cfg.model)
+  return model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]

@@ -1,5 +1,6 @@
 """Evaluation metrics on handmade inputs, checked against values computed by hand."""
 
+import json
 import math
 
 import jax
@@ -10,7 +11,10 @@ import pytest
 from kvjax.data.tokenizers import ByteTokenizer, get_tokenizer
 from kvjax.decode import generate, init_cache
 from kvjax.eval import long_context, multiple_choice, synthetic
+from kvjax.cli import UsageError
 from kvjax.eval.__main__ import main as eval_main
+from kvjax.eval.merge import main as merge_main
+from kvjax.eval.merge import merge_records
 from kvjax.eval.perplexity import perplexity
 from kvjax.eval.scoring import SpanScore, cached_logits, forward_logits, score_spans
 from tests.helpers import tiny_model
@@ -52,6 +56,35 @@ def test_multiple_choice_accuracy_by_hand():
   assert multiple_choice.accuracy(questions, scores) == {
       "acc_raw": 0.5, "acc_per_token": 0.5, "acc_per_char": 1.0, "questions": 2}
 
+
+
+def _record(offset: int, questions, scores, **fields) -> dict:
+  return {"task": "piqa", "config": "c.yaml", "overrides": [], "weights": "w", "checkpoint": None,
+          "scorer": "forward", "offset": offset, "seconds": 1.0,
+          "result": multiple_choice.accuracy(questions, scores)} | fields
+
+
+def test_merged_split_runs_equal_one_run_and_mixed_runs_are_rejected(tmp_path, capsys):
+  questions = [multiple_choice.Question("q", (" a", " bb"), gold=i % 2) for i in range(7)]
+  rng = np.random.default_rng(0)
+  scores = [[SpanScore(float(rng.normal()), int(rng.integers(1, 4)), False) for _ in q.choices]
+            for q in questions]
+  parts = [_record(0, questions[:2], scores[:2]), _record(2, questions[2:], scores[2:])]
+  merged = merge_records(parts)
+  whole = multiple_choice.accuracy(questions, scores)
+  assert merged["result"] == pytest.approx(whole) and merged["seconds"] == 2.0
+  with pytest.raises(UsageError, match="runs differ in 'scorer'"):
+    merge_records([parts[0], parts[1] | {"scorer": "cache"}])
+  overlap = "question ranges overlap: one run ends at 2, another starts at 1"
+  with pytest.raises(UsageError, match=overlap):
+    merge_records([parts[0], _record(1, questions[1:], scores[1:])])
+  paths = []
+  for i, record in enumerate([parts[0], parts[1] | {"task": "arc_easy"}]):
+    paths.append(tmp_path / f"{i}.json")
+    paths[-1].write_text(json.dumps(record))
+  with pytest.raises(SystemExit) as e:
+    merge_main([str(p) for p in paths])
+  assert e.value.code == 2 and "runs differ in 'task'" in capsys.readouterr().err
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
   tok = ByteTokenizer()

@@ -5,8 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from kvjax.moa.search import (build_space, candidates, density_of, dropped_blocks, loss_of,
-                              rule_grid, solve, to_plan)
+from kvjax.moa.__main__ import main as moa_main
+from kvjax.moa.search import (InfeasibleBudget, build_space, candidates, check_feasible,
+                              density_of, dropped_blocks, loss_of, rule_grid, solve, to_plan)
 
 BLOCK = 16
 
@@ -64,3 +65,30 @@ def test_infeasible_budget_is_a_clear_error():
   space = random_space(layers=2, kv_heads=1, heads=1, lengths=(128,))
   with pytest.raises(ValueError, match="no plan meets the density bounds"):
     candidates(space, budget=0.01)
+
+
+@pytest.mark.parametrize("budget, feasible", [(0.5, True), (0.01, False)])
+def test_feasibility_is_known_before_profiling(budget, feasible):
+  lengths = (128, 256)
+  space = random_space(layers=2, kv_heads=1, heads=1, lengths=lengths)
+  check = lambda: check_feasible(space.rules, lengths, num_layers=2, num_kv_heads=1, block=BLOCK,
+                                 sink=BLOCK, budget=budget, max_rules=2)
+  if feasible:
+    check()
+    assert candidates(space, budget=budget)
+  else:
+    with pytest.raises(InfeasibleBudget, match="no plan meets the density bounds"):
+      check()
+    with pytest.raises(InfeasibleBudget):
+      candidates(space, budget=budget)
+
+
+def test_plan_cli_rejects_an_infeasible_grid_before_loading_a_model(tmp_path, capsys):
+  config = tmp_path / "c.yaml"
+  config.write_text("model: {max_seq_len: 512}\n")
+  with pytest.raises(SystemExit) as e:  # no weights or checkpoint: the grid is checked first
+    moa_main(["plan", "--config", str(config), "--out", str(tmp_path / "p.json"),
+              "--lengths", "256", "--response-tokens", "16", "--density", "0.05"])
+  assert e.value.code == 2
+  assert "no plan meets the density bounds [0.045, 0.05]" in capsys.readouterr().err
+  assert not (tmp_path / "p.json").exists()

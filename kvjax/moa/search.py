@@ -64,6 +64,29 @@ def build_space(influence: dict[int, np.ndarray], rules: np.ndarray, *, num_kv_h
   return SearchSpace(rules, lengths, np.stack(losses), np.stack(densities), layers)
 
 
+class InfeasibleBudget(ValueError):
+  """No choice of rules meets the density bounds at every profiled length."""
+
+
+def infeasible(budget: float) -> InfeasibleBudget:
+  return InfeasibleBudget(f"no plan meets the density bounds [{0.9 * budget:.3g}, {budget:.3g}] "
+                          f"at every length with these rules; widen the rule grid or the budget")
+
+
+def check_feasible(rules: np.ndarray, lengths: Sequence[int], *, num_layers: int,
+                   num_kv_heads: int, block: int, sink: int, budget: float,
+                   max_rules: int) -> None:
+  """Raises `InfeasibleBudget` before any profiling when densities alone rule every plan out
+  (the constraints do not depend on the losses)."""
+  if len(rules) == 0:
+    raise InfeasibleBudget(f"the rule grid has no rule whose span is > 0 at {min(lengths)} "
+                           f"tokens and <= {max(lengths)} at {max(lengths)}")
+  zero = {n: np.zeros((num_layers, num_kv_heads, n // block, n // block)) for n in lengths}
+  space = build_space(zero, rules, num_kv_heads=num_kv_heads, block=block, sink=sink)
+  if solve(space, budget=budget, max_rules=max_rules, weights=np.zeros(len(lengths))) is None:
+    raise infeasible(budget)
+
+
 def solve(space: SearchSpace, *, budget: float, max_rules: int, weights: np.ndarray,
           caps: np.ndarray | None = None, time_limit: float = 60.0) -> np.ndarray | None:
   """Rule index per (layer, KV head) minimising `sum_N weights[N] * loss_N`, with
@@ -117,8 +140,7 @@ def candidates(space: SearchSpace, *, budget: float, max_rules: int = 2,
   for i in range(n_len):
     choice = solve(space, budget=budget, max_rules=max_rules, weights=np.eye(n_len)[i])
     if choice is None:
-      raise ValueError(f"no plan meets the density bounds [{0.9 * budget:.3g}, {budget:.3g}] "
-                       f"at every length with these rules; widen the rule grid or the budget")
+      raise infeasible(budget)
     found.append(choice)
     best[i] = loss_of(space, choice)[i]
   for i in range(n_len):
