@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct through kvjax: perplexity, zero-shot accuracy, long-context retrieval
 and decode throughput, each run as the documented command and collected into one JSON file.
 
-  python benchmarks/pretrained.py                     # everything below, in order
-  python benchmarks/pretrained.py --resume            # skip steps whose JSON already exists
-  python benchmarks/pretrained.py --only piqa passkey  # a subset
-  python benchmarks/pretrained.py --mc-limit 300 --lengths 1000 2000 4000  # a cheaper run
+  python -m benchmarks.pretrained                     # everything below, in order
+  python -m benchmarks.pretrained --resume            # skip steps whose JSON already exists
+  python -m benchmarks.pretrained --only piqa passkey  # a subset
+  python -m benchmarks.pretrained --mc-limit 300 --lengths 1000 2000 4000  # a cheaper run
 
 Each step's own JSON lands in benchmarks/results/pretrained/; the summary in
 benchmarks/results/pretrained_<device>.json lists every command with its numbers. HellaSwag
@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RESULTS, write_json
+from benchmarks.common import RESULTS, write_json
 
 CONFIG = "configs/smollm2_135m.yaml"
 EVAL = [sys.executable, "-m", "kvjax.eval", "--config", CONFIG]
