@@ -58,7 +58,8 @@ def main(argv=None) -> None:
         raise UsageError(f"{path}: no such file")
     merged = merge_records([json.loads(Path(path).read_text()) for path in args.parts])
   merged["parts"] = args.parts
-  print(f"{merged['task']}: " + ", ".join(f"{k}={v:.4g}" for k, v in merged["result"].items())
+  print(f"{merged['task']}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in merged["result"].items())
         + f" ({merged['runs']} runs, {merged['seconds']:.0f} s)")
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
