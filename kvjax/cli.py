@@ -1,11 +1,16 @@
-"""What the command-line tools share: config arguments and the exit-2 error contract."""
+"""What the command-line tools share: config arguments, the exit-2 error contract, and where
+parameters come from."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from kvjax.config import ConfigError
+from kvjax.models import build_model
 
 
 class UsageError(ValueError):
@@ -35,10 +40,6 @@ def load_params(cfg, checkpoint: str | None):
   if cfg.model.weights:
     from kvjax.io import load_weights  # noqa: PLC0415
     return load_weights(cfg.model)
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  import kvjax  # noqa: PLC0415
   print("note: no --checkpoint or model.weights; using random weights", file=sys.stderr)
-  model = kvjax.build_model(cfg.model)
+  model = build_model(cfg.model)
   return model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
