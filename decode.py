@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,8 +19,8 @@ import numpy as np
 import kvjax
 from kvjax import sharding
 from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
-from kvjax.decode import SamplingConfig, generate, init_cache
-from kvjax.decode.throughput import measure
+from kvjax.decode import SamplingConfig, generate
+from kvjax.decode.throughput import measure, placed_cache
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 COMPARED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ms_per_step", "kv_cache_bytes",
@@ -67,14 +68,12 @@ def check_args(args, cfgs) -> None:
     raise UsageError(str(e)) from None
 
 
-def placed_on_mesh(cfg, model, params, batch: int, max_len: int):
-  """`params` and a fresh cache placed by `kvjax.sharding` on the mesh `cfg.mesh` describes
-  (one device: a 1x1x1 mesh, the same as no placement)."""
+def placed_params(cfg, model, params):
+  """The mesh `cfg.mesh` describes (one device: a 1x1x1 mesh, the same as no placement) and
+  `params` placed on it by `kvjax.sharding`."""
   mesh = sharding.make_mesh(cfg.mesh)
   boxed = sharding.abstract_params(model, cfg.data.seq_len)
-  params = jax.device_put(nn.unbox(params), sharding.logical_shardings(boxed, mesh))
-  init = lambda: init_cache(cfg.model, batch, max_len)
-  return params, sharding.create_sharded(init, sharding.cache_shardings(jax.eval_shape(init), mesh))
+  return mesh, jax.device_put(nn.unbox(params), sharding.logical_shardings(boxed, mesh))
 
 
 def generate_text(cfg, model, params, args) -> dict:
@@ -90,7 +89,8 @@ def generate_text(cfg, model, params, args) -> dict:
     raise UsageError(f"prompt ({len(ids)} tokens) + --gen-len {args.gen_len} exceeds "
                      f"model.max_seq_len={cfg.model.max_seq_len}")
   prompts = np.tile(ids[None], (args.batch, 1))
-  params, cache = placed_on_mesh(cfg, model, params, args.batch, len(ids) + args.gen_len)
+  mesh, params = placed_params(cfg, model, params)
+  cache = placed_cache(cfg.model, args.batch, len(ids) + args.gen_len, mesh)
   out = generate(model, params, prompts, np.full(args.batch, len(ids)), max_new_tokens=args.gen_len,
                  rng=jax.random.key(args.seed), cache=cache,
                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
@@ -102,10 +102,15 @@ def generate_text(cfg, model, params, args) -> dict:
 
 
 def summary_line(name: str, r: dict) -> str:
-  return (f"{name}: {r['method']} [{r['attention_impl']}] batch={r['batch']} prompt={r['prompt_len']} "
-          f"gen={r['gen_len']} | prefill {r['prefill_tokens_per_s']:,.0f} tok/s | decode "
-          f"{r['decode_tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.2f} ms/step | KV cache "
-          f"{r['kv_cache_bytes'] / 2**20:.2f} MiB ({r['kv_bytes_per_token']:,.0f} B/token)")
+  mesh = r["mesh"]
+  per_device = "" if math.prod(mesh.values()) == 1 else (
+      f", {r['kv_cache_bytes_per_device'] / 2**20:.2f} MiB per device on mesh "
+      f"{'x'.join(str(n) for n in mesh.values())} (split over {r['cache_split']})")
+  return (f"{name}: {r['method']} [{r['attention_impl']}] batch={r['batch']} "
+          f"prompt={r['prompt_len']} gen={r['gen_len']} | prefill "
+          f"{r['prefill_tokens_per_s']:,.0f} tok/s | decode {r['decode_tokens_per_s']:,.0f} tok/s, "
+          f"{r['ms_per_step']:.2f} ms/step | KV cache {r['kv_cache_bytes'] / 2**20:.2f} MiB "
+          f"({r['kv_bytes_per_token']:,.0f} B/token{per_device})")
 
 
 def main(argv=None) -> None:
@@ -121,8 +126,10 @@ def main(argv=None) -> None:
       if args.prompt is not None:
         results.append({"config": path, **generate_text(cfg, model, params, args)})
         continue
+      mesh, params = placed_params(cfg, model, params)
       r = {"config": path, **measure(model, params, cfg.model, batch=args.batch,
-                                     prompt_len=args.prompt_len, gen_len=args.gen_len, seed=args.seed)}
+                                     prompt_len=args.prompt_len, gen_len=args.gen_len,
+                                     seed=args.seed, mesh=mesh)}
       print(summary_line(path, r))
       results.append(r)
   if args.prompt is None and len(results) > 1:

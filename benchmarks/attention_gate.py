@@ -30,10 +30,10 @@ import optax
 
 import kvjax
 from benchmarks.common import save_plot, write_json
+from kvjax.config import EvictionConfig
 from kvjax.data.pipeline import make_data
 from kvjax.decode.throughput import measure
-from kvjax.gate import BASELINES
-from kvjax.gate.baselines import evicted_prefill
+from kvjax.eviction.policies import POLICIES
 from kvjax.training import restore_params, train
 from kvjax.training.metrics import METRICS_FILE
 
@@ -89,26 +89,21 @@ def score(model, params, cache, tokens_BxT, prefix: int, first_logits_BxV):
 
 def evaluate(method: str, model, params, cfg, tokens_BxT, prefix: int, keep: float):
   """(loss, hits, achieved keep ratio per (layer, K/V head) `[L, K]`, KV bytes held) of one
-  method on full windows."""
+  method on full windows: the prefix goes in through the method's cache (a baseline policy keeps
+  `keep` of it), then the continuation is scored against what the cache holds."""
   b, t = tokens_BxT.shape
-  room = t - prefix
-  prefix_pos = jnp.broadcast_to(jnp.arange(prefix), (b, prefix))
+  if method in POLICIES:
+    cfg = dataclasses.replace(cfg, eviction=EvictionConfig(policy=method, keep_ratio=keep))
+    model = kvjax.build_model(cfg)
+  cache, last_BxV, _ = kvjax.decode.prefill_cache(
+      model, params, tokens_BxT[:, :prefix], np.full(b, prefix), kvjax.decode.init_cache(cfg, b, t))
+  cache = cache.finish_prefill(t - prefix, jax.random.key(0))
   if method in ("dense", "control"):
-    logits, cache = apply_cached(model, params, tokens_BxT[:, :prefix], prefix_pos,
-                                 kvjax.decode.init_cache(cfg, b, t))
     achieved = np.ones((cfg.num_kv_layers, cfg.num_kv_heads))
-  elif method == "gate":
-    logits, cache = apply_cached(model, params, tokens_BxT[:, :prefix], prefix_pos,
-                                 kvjax.decode.init_cache(cfg, b, prefix))
-    cache = cache.after_prefill(room)
-    achieved = cache.kept_counts().mean(axis=1) / prefix
   else:
-    n = max(1, round(keep * prefix))
-    logits, cache = evicted_prefill(model, params, tokens_BxT[:, :prefix], method, n, room,
-                                    jax.random.key(0))
-    achieved = np.full((cfg.num_kv_layers, cfg.num_kv_heads), n / prefix)
+    achieved = np.stack([layer.kept_counts() for layer in cache.layers]).mean(axis=1) / prefix
   nbytes = cache.nbytes
-  loss, hits = score(model, params, cache, tokens_BxT, prefix, logits[:, -1])
+  loss, hits = score(model, params, cache, tokens_BxT, prefix, last_BxV)
   return float(loss), np.asarray(hits), achieved, nbytes
 
 
@@ -163,7 +158,7 @@ def main(argv=None) -> None:
   for e in EVICTIONS:
     gate = record(f"gate@{e}", e, *runs[f"gate@{e}"], 1.0)
     keep = 1 - gate["achieved_eviction"]
-    for method in BASELINES:
+    for method in POLICIES:
       record(f"{method}@{e}", e, base_cfg, base_params, keep)
 
   timing = []
@@ -191,7 +186,7 @@ def plot(results: list[dict]) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  names = ["gate", *BASELINES]
+  names = ["gate", *POLICIES]
   for ax, key, label in ((axes[0], "heldout_loss", "held-out loss (nats/byte)"),
                          (axes[1], "copy_accuracy", "copy retrieval accuracy")):
     for name in names:

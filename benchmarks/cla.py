@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import kvjax  # noqa: E402
 from benchmarks.common import save_plot, write_json  # noqa: E402
 from kvjax.cli import UsageError, usage_errors  # noqa: E402
-from kvjax.decode.cache import tree_nbytes  # noqa: E402
+from kvjax.layers.cache import tree_nbytes  # noqa: E402
 from kvjax.decode.throughput import measure  # noqa: E402
 from kvjax.training import train  # noqa: E402
 

@@ -12,7 +12,7 @@ KV bytes and decode tokens/s from `decode.py`. A plan already in the work folder
 its search report recorded. Perplexity (`kvjax.eval`) is teacher-forced under each method's
 prefill masks, which H2O does not have (it evicts after a dense prefill), so H2O gets none there;
 the continuation loss, measured in this process, is what every method has: held-out windows are
-prefilled through the method's cache (`init_cache`, `prefill`, `after_prefill`) and their next
+prefilled through the method's cache (`init_cache`, `prefill`) and their next
 tokens decoded one at a time, teacher-forced. `--resume` reuses the results of commands already
 run with the same arguments. Results:
 benchmarks/results/moa_<device>.json and .png (retrieval accuracy by context length, per method
@@ -39,7 +39,6 @@ import numpy as np
 import kvjax
 from benchmarks.common import RESULTS, save_plot, write_json
 from kvjax.decode import SamplingConfig, decode_step, init_cache, prefill
-from kvjax.decode.generate import after_prefill
 
 CONFIG = "configs/smollm2_135m.yaml"
 TASKS = ("passkey", "lines", "perplexity", "decode")
@@ -100,13 +99,13 @@ def plans(args, work: Path) -> dict[str, dict]:
           "--density", str(d), "--lengths", *map(str, args.profile_lengths),
           "--samples", str(args.profile_samples), "--val-samples", "1",
           "--alphas", *map(str, args.alphas), "--betas", "0", "1", "0.125"])}
-    methods[f"moa_{d:g}"] = {"overrides": [f"model.moa_plan={moa}"], "density": d}
+    methods[f"moa_{d:g}"] = {"overrides": [f"model.moa.plan={moa}"], "density": d}
     stream = work / f"streaming_{d:g}.json"
     run([sys.executable, "-m", "kvjax.moa", "uniform", "--config", CONFIG, "--beta", str(d),
          "--out", str(stream)])
     for sinks in args.sinks:
       methods[f"streaming{sinks}_{d:g}"] = {
-          "overrides": [f"model.moa_plan={stream}", f"model.moa_sink_tokens={sinks}"],
+          "overrides": [f"model.moa.plan={stream}", f"model.moa.sink_tokens={sinks}"],
           "density": d}
     methods[f"h2o_{d:g}"] = {
         "overrides": ["model.eviction.policy=h2o", f"model.eviction.keep_ratio={d:g}"],
@@ -194,7 +193,6 @@ def continuation(args, methods: dict, work: Path) -> dict:
     state = prefill(model, params, jnp.asarray(windows_BxW[:, :c]), jnp.full((b,), c, jnp.int32),
                     init_cache(cfg, b, width), jax.random.key(0), sampling=SamplingConfig(),
                     max_new_tokens=r)
-    state = after_prefill(state, r)
     nbytes = state.cache.nbytes
     nll = float(_teacher_forced_nll(model, params, state.cache, jnp.asarray(windows_BxW[:, c:]),
                                     c))

@@ -9,12 +9,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from kvjax.config import ConfigError
+from kvjax.errors import ConfigError, UsageError
+from kvjax.io import load_weights
 from kvjax.models import build_model
-
-
-class UsageError(ValueError):
-  """Bad command-line input that is not a config key (a flag value, a missing file)."""
+from kvjax.training.checkpoint import restore_params
 
 
 @contextlib.contextmanager
@@ -35,10 +33,8 @@ def add_config_args(parser) -> None:
 def load_params(cfg, checkpoint: str | None):
   """Trained params from a workdir, pretrained weights from `model.weights`, or random ones."""
   if checkpoint:
-    from kvjax.training.checkpoint import restore_params  # noqa: PLC0415
     return restore_params(checkpoint, cfg)
   if cfg.model.weights:
-    from kvjax.io import load_weights  # noqa: PLC0415
     return load_weights(cfg.model)
   print("note: no --checkpoint or model.weights; using random weights", file=sys.stderr)
   model = build_model(cfg.model)

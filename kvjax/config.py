@@ -5,11 +5,16 @@ overrides (`model.num_layers=4`, `train.steps=30`). Every key is checked against
 dataclass fields, every value against the field's type, and every dataclass checks its own
 invariants in `__post_init__`, so a bad config fails at load time with one `ConfigError`
 that names the key and what is allowed.
+
+This module is a leaf: it imports nothing else from kvjax (but its errors) and reads no file but
+the YAML. What one section cannot know about another (which methods combine, a MoA plan's file,
+the tokenizer's vocabulary) is checked by `kvjax.load_config` (`kvjax.checks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -18,9 +23,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config key or value that is not allowed; the message says which and why."""
+from kvjax.errors import ConfigError
 
 
 def _require(cond: bool, key: str, allowed: str) -> None:
@@ -37,10 +40,60 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclasses.dataclass(frozen=True)
 class KVSharingConfig:
-  """Cross-layer K/V sharing; rules and resolution in `kvjax.layers.kv_sharing`."""
+  """Cross-layer K/V sharing (CLA, arXiv 2405.12981): `producer_of[l]` names the layer whose K/V
+  layer l attends to (itself for a producer). Producers project K/V and own a cache buffer;
+  consumers compute only queries. CLA-s is groups of s adjacent layers; any valid explicit
+  pattern works too (e.g. the last k layers reusing the last non-shared layer)."""
 
   factor: int = 1  # CLA-s: groups of `factor` adjacent layers read their first layer's K/V
   producer_of: tuple[int, ...] = ()  # explicit pattern, one entry per layer (instead of factor)
+
+  def resolve(self, num_layers: int) -> tuple[int, ...]:
+    """The validated per-layer pattern; raises ConfigError naming the first broken rule."""
+    key = "model.kv_sharing.producer_of"
+    if not self.producer_of:
+      _require(1 <= self.factor <= num_layers, "model.kv_sharing.factor",
+               f"must be in 1..model.num_layers={num_layers}, got {self.factor}")
+      return cla_pattern(self.factor, num_layers)
+    _require(self.factor == 1, "model.kv_sharing", f"set either factor or producer_of, not both "
+             f"(got factor={self.factor} and producer_of={list(self.producer_of)})")
+    pattern = self.producer_of
+    _require(len(pattern) == num_layers, key, f"needs one entry per layer (model.num_layers="
+             f"{num_layers}), got {len(pattern)}")
+    for layer, p in enumerate(pattern):
+      _require(0 <= p <= layer, key,
+               f"layer {layer} must read K/V of itself or an earlier layer (0..{layer}), got {p}")
+      _require(not layer or p >= pattern[layer - 1], key, f"must be non-decreasing (groups are "
+               f"runs of adjacent layers), got {p} after {pattern[layer - 1]} at layer {layer}")
+      _require(pattern[p] == p, key, f"layer {layer} reads layer {p}, which is not a producer "
+               f"(producer_of[{p}] = {pattern[p]}, must be {p})")
+    return pattern
+
+
+def cla_pattern(factor: int, num_layers: int) -> tuple[int, ...]:
+  """Groups of `factor` adjacent layers share their first layer's K/V; the last may be shorter."""
+  return tuple(layer - layer % factor for layer in range(num_layers))
+
+
+def uniform_group_size(producer_of: tuple[int, ...]) -> int:
+  """s if the pattern is CLA-s with every group full (what a layer scan repeats), else 0."""
+  num_layers = len(producer_of)
+  s = next((layer for layer, p in enumerate(producer_of) if layer and p == layer), num_layers)
+  return s if num_layers % s == 0 and producer_of == cla_pattern(s, num_layers) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MoAConfig:
+  """MoA (arXiv 2406.14909, `kvjax.moa`): a JSON plan of per-head elastic sparse windows."""
+
+  plan: str = ""  # path to the plan; "" for dense attention
+  block_size: int = 64  # prefill block and cache size granularity
+  sink_tokens: int = 64  # the first tokens, always visible (at most one block)
+
+  def __post_init__(self):
+    _require(self.block_size > 0, "model.moa.block_size", "must be > 0")
+    _require(0 < self.sink_tokens <= self.block_size, "model.moa.sink_tokens",
+             f"must be in [1, model.moa.block_size={self.block_size}], got {self.sink_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +125,7 @@ EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random",
 
 @dataclasses.dataclass(frozen=True)
 class EvictionConfig:
-  """Score-based K/V eviction after a dense prefill (`kvjax.decode.eviction`): every (layer, K/V
+  """Score-based K/V eviction after a dense prefill (`kvjax.eviction`): every (layer, K/V
   head) keeps round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
 
   policy: str = "none"
@@ -123,9 +176,14 @@ class BlockConfig:
     return (max_len + self.block_len - 2) // self.block_len + 2
 
 
+MODEL_KINDS = ("llama", "block_transformer")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+  """Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, and the sections of
+  the methods that shrink its cache (which of them combine is `kvjax.registry`'s to say)."""
 
   kind: str = "llama"
   vocab_size: int = 264
@@ -150,20 +208,17 @@ class ModelConfig:
   # Recompute each layer's activations in the backward pass instead of storing them
   # (`nn.remat` around every layer, or around the scanned group): memory for compute.
   remat: bool = False
-  # MoA (`kvjax.moa`): a JSON plan of per-head elastic sparse windows; "" for dense attention.
-  moa_plan: str = ""
-  moa_block_size: int = 64  # prefill block and cache size granularity
-  moa_sink_tokens: int = 64  # the first tokens, always visible (at most one block)
   # Pretrained weights (see `kvjax.io`): "" for random init or a kvjax training checkpoint;
   # otherwise a .gguf file, an HF directory (config.json + *.safetensors), or a named source.
   weights: str = ""
   kv_sharing: KVSharingConfig = dataclasses.field(default_factory=KVSharingConfig)
-  block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
+  moa: MoAConfig = dataclasses.field(default_factory=MoAConfig)
   attention_gate: AttentionGateConfig = dataclasses.field(default_factory=AttentionGateConfig)
   eviction: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
+  block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
 
   def __post_init__(self):
-    _choice(self.kind, "model.kind", ("llama", "block_transformer"))
+    _choice(self.kind, "model.kind", MODEL_KINDS)
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                  "mlp_dim", "max_seq_len"):
       _require(getattr(self, name) > 0, f"model.{name}", "must be > 0")
@@ -180,49 +235,10 @@ class ModelConfig:
     _require(self.init_std > 0, "model.init_std", "must be > 0")
     for name in ("dtype", "param_dtype", "cache_dtype"):
       _choice(getattr(self, name), f"model.{name}", DTYPES)
-    _choice(self.attention_impl, "model.attention_impl", ("auto", "xla", "pallas"))
-    self._check_moa()
-    self.producer_of  # noqa: B018 (validates the sharing pattern against num_layers)
+    _choice(self.attention_impl, "model.attention_impl", ATTENTION_IMPLS)
+    self.producer_of  # noqa: B018 (resolves and validates the sharing pattern once)
     if self.kind == "block_transformer":
       self._check_block()
-    if self.scan_layers:
-      self._check_scan()
-    _require(not (self.attention_gate.enable and self.kind != "llama"),
-             "model.attention_gate.enable", f"needs model.kind 'llama', got {self.kind!r}")
-    self._check_eviction()
-
-  def _check_moa(self) -> None:
-    _require(self.moa_block_size > 0, "model.moa_block_size", "must be > 0")
-    _require(0 < self.moa_sink_tokens <= self.moa_block_size, "model.moa_sink_tokens",
-             f"must be in [1, model.moa_block_size={self.moa_block_size}], "
-             f"got {self.moa_sink_tokens}")
-    if not self.moa_plan:
-      return
-    _require(self.kind == "llama" and self.num_kv_layers == self.num_layers, "model.moa_plan",
-             "needs model.kind 'llama' without cross-layer K/V sharing")
-    from kvjax.moa.plan import load_plan  # noqa: PLC0415 (kvjax.moa builds on this module)
-
-    load_plan(self.moa_plan).check(self)
-
-  def _check_scan(self) -> None:
-    _require(self.scan_group_size > 0, "model.scan_layers",
-             "needs every layer group (a producer and its consumers) to be the same size, i.e. "
-             "kv_sharing.factor dividing model.num_layers or the same pattern as one, got "
-             f"producer_of={list(self.producer_of)}")
-    for field, on in (("moa_plan", bool(self.moa_plan)),
-                      ("attention_gate.enable", self.attention_gate.enable),
-                      ("eviction.policy", self.eviction.policy != "none")):
-      _require(not on, "model.scan_layers", f"cannot be combined with model.{field}: its caches "
-               "differ from layer to layer, so they cannot be stacked (unroll the layers)")
-
-  def _check_eviction(self) -> None:
-    if self.eviction.policy == "none":
-      return
-    key = "model.eviction.policy"
-    _require(self.kind == "llama", key, f"needs model.kind 'llama', got {self.kind!r}")
-    _require(not self.moa_plan, key, "cannot be combined with model.moa_plan (choose one method)")
-    _require(not self.attention_gate.enable, key,
-             "cannot be combined with model.attention_gate.enable (choose one method)")
 
   def _check_block(self) -> None:
     block = self.block
@@ -252,18 +268,14 @@ class ModelConfig:
     """The head dimension, resolved."""
     return self.head_dim or self.d_model // self.num_heads
 
-  @property
+  @functools.cached_property
   def producer_of(self) -> tuple[int, ...]:
     """For every layer, the layer whose K/V it attends to (itself for a producer)."""
-    from kvjax.layers.kv_sharing import resolve_pattern  # noqa: PLC0415 (avoids a cycle)
-
-    return resolve_pattern(self.kv_sharing, self.num_layers)
+    return self.kv_sharing.resolve(self.num_layers)
 
   @property
   def scan_group_size(self) -> int:
     """Layers in each scanned group (one producer and its consumers); 0 if they differ."""
-    from kvjax.layers.kv_sharing import uniform_group_size  # noqa: PLC0415 (avoids a cycle)
-
     return uniform_group_size(self.producer_of)
 
   @property
@@ -272,6 +284,7 @@ class ModelConfig:
     return len(set(self.producer_of))
 
   def kv_bytes_per_token(self) -> int:
+    """Dense-cache bytes per position: K and V of every KV head of every producer."""
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cache_dtype]
     return 2 * self.num_kv_heads * self.head_dim_ * self.num_kv_layers * itemsize
 
@@ -281,7 +294,7 @@ class DataConfig:
   """Where text comes from and how it becomes token ids."""
 
   source: str = "shakespeare"  # shakespeare | a path to a text file or a directory of them
-  tokenizer: str = "byte"  # byte | gpt2
+  tokenizer: str = "byte"  # a name of `kvjax.data.tokenizers` (checked with the model's vocab)
   seq_len: int = 256
   val_fraction: float = 0.05
   seed: int = 0
@@ -289,9 +302,6 @@ class DataConfig:
 
   def __post_init__(self):
     _require(bool(self.source), "data.source", "'shakespeare' or a path to text files")
-    from kvjax.data.tokenizers import tokenizer_names  # noqa: PLC0415 (avoids a cycle)
-
-    _choice(self.tokenizer, "data.tokenizer", tokenizer_names())
     _require(self.seq_len > 0, "data.seq_len", "must be > 0")
     _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     _require(self.worker_count >= 0, "data.worker_count", "must be >= 0")
@@ -326,7 +336,7 @@ class TrainConfig:
   sample_temperature: float = 0.8
   base: str = ""  # a kvjax training workdir whose parameters start this run (see freeze_base)
   freeze_base: bool = False  # train only what the base (train.base or model.weights) lacks
-  # LoRA on the frozen base (`kvjax.training.lora`): kernel W + (A @ B) * lora_alpha / lora_rank.
+  # LoRA on the frozen base (`kvjax.training.params`): kernel W + (A @ B) * lora_alpha / lora_rank.
   lora_rank: int = 0  # 0: no LoRA
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # of LORA_TARGETS
@@ -374,12 +384,6 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def __post_init__(self):
-    from kvjax.data.tokenizers import tokenizer_vocab_size  # noqa: PLC0415 (avoids a cycle)
-
-    need = tokenizer_vocab_size(self.data.tokenizer)
-    _require(self.model.vocab_size >= need, "model.vocab_size",
-             f"must be >= {need} for data.tokenizer={self.data.tokenizer!r}, "
-             f"got {self.model.vocab_size}")
     _require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
              f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
     _require(not (self.train.base and self.model.weights), "train.base",
@@ -447,14 +451,20 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
   raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
 
+# Keys that moved, so that a config written for an earlier version gets told where.
+RENAMED = {"model.moa_plan": "model.moa.plan", "model.moa_block_size": "model.moa.block_size",
+           "model.moa_sink_tokens": "model.moa.sink_tokens"}
+
+
 def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
   """Builds dataclass `cls` from `values`, rejecting unknown keys and wrong types."""
   hints = typing.get_type_hints(cls)
   fields = {f.name for f in dataclasses.fields(cls) if f.init}
   where = f"{prefix}." if prefix else ""
   for name in values:
-    _require(name in fields, f"{where}{name}",
-             f"unknown key; allowed: {', '.join(sorted(fields))}")
+    key = f"{where}{name}"
+    _require(key not in RENAMED, key, f"renamed to {RENAMED.get(key)}")
+    _require(name in fields, key, f"unknown key; allowed: {', '.join(sorted(fields))}")
   kwargs = {name: _check_value(v, hints[name], f"{where}{name}") for name, v in values.items()}
   return cls(**kwargs)
 
@@ -480,8 +490,9 @@ def parse_override(text: str) -> tuple[str, Any]:
   return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-  """Reads a YAML config (or the defaults, if `path` is None) and applies overrides."""
+def parse_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Reads a YAML config (or the defaults, if `path` is None) and applies overrides, checking
+  every section on its own; `kvjax.load_config` then checks how the sections combine."""
   tree: dict[str, Any] = {}
   if path is not None:
     path = Path(path)

@@ -20,7 +20,7 @@ import os
 
 import jax
 
-from kvjax.config import ConfigError
+from kvjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kvjax
 
@@ -20,3 +21,8 @@ def tiny_model(*overrides: str, seed: int = 0):
 
 def random_tokens(batch: int, length: int, seed: int = 0, vocab: int = 256):
   return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
+
+
+def kept_counts(cache):
+  """`[L_kv, B, K]` tokens kept per layer, sequence and K/V head of a compacted cache."""
+  return np.stack([layer.kept_counts() for layer in cache.layers])

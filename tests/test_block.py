@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 import kvjax
-from kvjax.config import ConfigError
 from kvjax.decode import generate, init_cache
+from kvjax.errors import ConfigError
 from kvjax.models.block_transformer import loss, pad_documents
 from tests.helpers import random_tokens
 
@@ -139,7 +139,11 @@ def test_token_decoder_cache_never_holds_more_than_prefix_plus_block(built):
 def test_cache_reports_its_real_bytes_and_a_quarter_of_a_dense_one(built):
   cfg, _, _ = built
   cache = init_cache(cfg.model, 3, 64)
-  assert cache.nbytes == sum(x.nbytes for x in jax.tree.leaves(cache))
+  # K and V in float32: the block decoder's 2 producers x 2 KV heads x 16 dims at 18 block
+  # positions, the token decoder's 1 producer x 1 KV head x 8 dims at R + L - 1 = 5 slots; then
+  # the current block's tokens, the shifts and the prompt lengths (int32).
+  blocks, local = 2 * 2 * 3 * 18 * 2 * 16 * 4, 2 * 1 * 3 * 5 * 1 * 8 * 4
+  assert cache.nbytes == blocks + local + 3 * (L + 2) * 4
   # The block decoder's cache, were it one entry per token.
   dense = init_cache(dataclasses.replace(cfg.model.decoder("block_decoder"), max_seq_len=64), 3, 64)
   assert cache.blocks.nbytes == dense.nbytes * 18 // 64  # 18 block positions for 64 tokens

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError
 from kvjax.decode import SamplingConfig, generate, init_cache
 from kvjax.decode.throughput import measure
+from kvjax.errors import ConfigError
 from tests.helpers import random_tokens, tiny_model
 
 SIX = "model.num_layers=6"

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError, load_config, parse_override
+from kvjax.checks import load_config
+from kvjax.config import parse_override
+from kvjax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError
 from kvjax.data import corpus, get_tokenizer, tokenizer_names, tokenizer_vocab_size
 from kvjax.data.pipeline import (TokenWindows, make_data, token_stream, train_iterator,
                                  validation_batches)
-from kvjax.io.errors import FetchError
+from kvjax.errors import ConfigError, FetchError
 
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nnaïve café — 日本語 ✓\n"
 

@@ -75,8 +75,9 @@ def test_sampling_is_seeded_and_varies(built):
 def test_cache_reports_its_bytes(built):
   cfg, _, _ = built
   cache = init_cache(cfg.model, 3, 40)
-  assert cache.nbytes == cfg.model.kv_bytes_per_token() * 3 * 40
-  assert cache.nbytes == sum(x.nbytes for x in jax.tree.leaves(cache))
+  m = cfg.model  # K and V of 2 layers x 2 KV heads x 16 dims in float32, 3 x 40 positions
+  assert (m.num_kv_layers, m.num_kv_heads, m.head_dim_) == (2, 2, 16)
+  assert cache.nbytes == 2 * 2 * 2 * 16 * 4 * 3 * 40
 
 
 def test_top_k_keeps_exactly_k():

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kvjax.cli import UsageError
 from kvjax.data.tokenizers import ByteTokenizer, get_tokenizer
 from kvjax.decode import generate, init_cache
 from kvjax.eval import long_context, multiple_choice, synthetic
-from kvjax.cli import UsageError
 from kvjax.eval.__main__ import main as eval_main
 from kvjax.eval.merge import main as merge_main
 from kvjax.eval.merge import merge_records
@@ -160,8 +160,8 @@ def test_chunked_prefill_generation_equals_decode_generate():
   lengths_B = np.array([21, 13], np.int32)
   want = generate(model, params, prompts_BxT, lengths_B, max_new_tokens=6, rng=jax.random.key(0),
                   cache=init_cache(cfg.model, 2, 27), eos_id=None)
-  got = long_context._chunked_generate(model, params, cfg.model, prompts_BxT, lengths_B,
-                                       max_new_tokens=6, eos_id=None, pad_id=0, chunk=8)
+  got = generate(model, params, prompts_BxT, lengths_B, max_new_tokens=6, rng=jax.random.key(0),
+                 cache=init_cache(cfg.model, 2, 27), eos_id=None, chunk=8)
   np.testing.assert_array_equal(got.tokens, want.tokens)
 
 

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError
-from kvjax.decode import SamplingConfig, decode_loop, generate, init_cache, prefill
-from kvjax.decode.eviction import EvictionCache
-from kvjax.decode.generate import after_prefill
-from kvjax.decode.throughput import method_name
-from kvjax.eval.scoring import prefill_chunks
-from tests.helpers import random_tokens, tiny_model
+from kvjax import registry
+from kvjax.decode import SamplingConfig, decode_loop, generate, init_cache, prefill, prefill_cache
+from kvjax.errors import ConfigError
+from kvjax.eviction.layout import EvictionLayout
+from tests.helpers import kept_counts, random_tokens, tiny_model
 
 GREEDY = SamplingConfig()
 
@@ -25,9 +23,8 @@ def evicting(policy, ratio=0.5, *overrides):
 
 def prefilled(model, params, cfg, prompts_BxT, lengths, max_new):
   cache = init_cache(cfg, prompts_BxT.shape[0], prompts_BxT.shape[1] + max_new)
-  state = prefill(model, params, prompts_BxT, jnp.asarray(lengths, jnp.int32), cache,
-                  jax.random.key(0), sampling=GREEDY, max_new_tokens=max_new)
-  return after_prefill(state, max_new)
+  return prefill(model, params, prompts_BxT, jnp.asarray(lengths, jnp.int32), cache,
+                 jax.random.key(0), sampling=GREEDY, max_new_tokens=max_new)
 
 
 def kept_positions(cache):
@@ -35,9 +32,9 @@ def kept_positions(cache):
   out = []
   for layer in cache.layers:
     pos = np.asarray(layer.pos)
-    offsets = np.concatenate([[0], np.cumsum(layer.sizes)])
+    offsets = np.concatenate([[0], np.cumsum(layer.heads.sizes)])
     out.append([[sorted(p for p in pos[b, offsets[h]:offsets[h + 1]] if 0 <= p < 2**30)
-                 for h in range(len(layer.sizes))] for b in range(pos.shape[0])])
+                 for h in range(len(layer.heads.sizes))] for b in range(pos.shape[0])])
   return out
 
 
@@ -47,13 +44,13 @@ def test_keeps_exactly_the_count_through_generate(policy):
   lengths = [30, 21]  # right-padded: each sequence keeps round(0.4 * its own length)
   state = prefilled(model, params, cfg.model, random_tokens(2, 30, seed=1), lengths, max_new=6)
   want = np.array([round(0.4 * n) for n in lengths])
-  np.testing.assert_array_equal(state.cache.kept_counts(), np.broadcast_to(
-      want[None, :, None], state.cache.kept_counts().shape))
+  np.testing.assert_array_equal(kept_counts(state.cache), np.broadcast_to(
+      want[None, :, None], kept_counts(state.cache).shape))
   for b, n in enumerate(lengths):  # no pad survives
     assert all(p < n for layer in kept_positions(state.cache) for p in sum(layer[b], []))
   state = decode_loop(model, params, state, sampling=GREEDY)
-  np.testing.assert_array_equal(state.cache.kept_counts(), np.broadcast_to(
-      (want + 5)[None, :, None], state.cache.kept_counts().shape))
+  np.testing.assert_array_equal(kept_counts(state.cache), np.broadcast_to(
+      (want + 5)[None, :, None], kept_counts(state.cache).shape))
 
 
 def test_kv_bytes_after_prefill_are_kept_tokens_times_entry_size():
@@ -85,11 +82,10 @@ def test_pads_and_chunks_do_not_change_the_choice(policy):
   padded = np.concatenate([tokens, np.zeros((1, 11), np.int32)], axis=1)
 
   def choose(prompt, chunk):
-    cache = init_cache(cfg.model, 1, 50).with_prompt_lengths(jnp.asarray([37]))
-    for _, _, cache in prefill_chunks(model, params, prompt, cache, chunk):
-      pass
-    assert isinstance(cache, EvictionCache)
-    return kept_positions(cache.after_prefill(2))
+    cache, _, _ = prefill_cache(model, params, prompt, [37], init_cache(cfg.model, 1, 50),
+                                chunk=chunk)
+    assert isinstance(cache.layers[0], EvictionLayout)
+    return kept_positions(cache.finish_prefill(2, jax.random.key(0)))
 
   whole = choose(tokens, 64)
   assert choose(padded, 64) == whole
@@ -97,10 +93,20 @@ def test_pads_and_chunks_do_not_change_the_choice(policy):
   assert all(len(h) == round(0.3 * 37) for layer in whole for seq in layer for h in seq)
 
 
+def numpy_attention_probs(q_SxHxD, k_SxKxD):
+  """Causal softmax attention in float64 NumPy, averaged over each K/V head's query heads:
+  `[K, S, S]` (an oracle that shares no code with kvjax)."""
+  s, h, d = q_SxHxD.shape
+  kh = k_SxKxD.shape[1]
+  q = np.asarray(q_SxHxD, np.float64).reshape(s, kh, h // kh, d)
+  logits = np.einsum("tkgd,skd->kgts", q, np.asarray(k_SxKxD, np.float64)) / np.sqrt(d)
+  logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return (p / p.sum(axis=-1, keepdims=True)).mean(axis=1)
+
+
 def test_h2o_keeps_the_keys_with_the_most_attention_per_query():
   """An independent reference: the full causal attention of every layer, from a dense forward."""
-  from kvjax.gate.baselines import attention_probs  # noqa: PLC0415
-
   cfg, model, params = evicting("h2o", 0.5)
   tokens = random_tokens(1, 20, seed=5)
   state = prefilled(model, params, cfg.model, tokens, [20], max_new=1)
@@ -111,7 +117,7 @@ def test_h2o_keeps_the_keys_with_the_most_attention_per_query():
     attn = inter["intermediates"][f"layer_{i}"]["attn"]
     q = apply_rope(attn["q"]["__call__"][0], pos, cfg.model.rope_theta)
     k = attn["kv"]["__call__"][0][0]
-    probs = np.asarray(attention_probs(q, k))[0]  # K x S x S
+    probs = numpy_attention_probs(q[0], k[0])  # K x S x S
     score = probs.sum(axis=1) / (20 - np.arange(20))
     want = [sorted(np.argsort(-s, kind="stable")[:10].tolist()) for s in score]
     assert got[0] == want
@@ -121,8 +127,10 @@ def test_h2o_keeps_the_keys_with_the_most_attention_per_query():
     (["model.eviction.policy=lru"], "model.eviction.policy"),
     (["model.eviction.policy=h2o", "model.eviction.keep_ratio=0"], "model.eviction.keep_ratio"),
     (["model.eviction.policy=h2o", "model.eviction.keep_ratio=1.5"], "model.eviction.keep_ratio"),
-    (["model.eviction.policy=h2o", "model.attention_gate.enable=true"], "model.eviction.policy"),
-    (["model.eviction.policy=h2o", "model.kind=block_transformer"], "model.eviction.policy"),
+    (["model.eviction.policy=h2o", "model.attention_gate.enable=true"],
+     "model.eviction.policy: cannot be combined with model.attention_gate.enable"),
+    (["model.eviction.policy=h2o", "model.scan_layers=true"],
+     "model.scan_layers: cannot be combined with model.eviction.policy"),
 ])
 def test_config_errors_name_the_key(overrides, key):
   with pytest.raises(ConfigError, match=key):
@@ -132,14 +140,14 @@ def test_config_errors_name_the_key(overrides, key):
 def test_eviction_and_moa_plan_are_exclusive(tmp_path):
   plan = tmp_path / "plan.json"
   plan.write_text('{"alphas": [[0, 0, 0, 0], [0, 0, 0, 0]], "betas": [[1, 1, 1, 1], [1, 1, 1, 1]]}')
-  with pytest.raises(ConfigError, match="model.eviction.policy.*moa_plan"):
-    tiny_model("model.eviction.policy=h2o", f"model.moa_plan={plan}")
+  with pytest.raises(ConfigError, match="model.eviction.policy: cannot be combined with "
+                                        "model.moa.plan"):
+    tiny_model("model.eviction.policy=h2o", f"model.moa.plan={plan}")
 
 
-def test_eval_chunked_generation_equals_generate():
-  """The eval's generation path (chunked prefill, right-padded prompts) evicts like `generate`."""
-  from kvjax.eval.long_context import _chunked_generate  # noqa: PLC0415
-
+def test_chunked_generation_equals_generate():
+  """Chunked prefill (what the long-context eval uses) of right-padded prompts evicts like one
+  write."""
   cfg, model, params = evicting("h2o", 0.3)
   params = jax.tree.map(lambda x: 6 * x, params)  # sharp attention: tokens depend on the cache
   prompts = np.asarray(random_tokens(2, 30, seed=7))
@@ -148,12 +156,12 @@ def test_eval_chunked_generation_equals_generate():
   want = generate(model, params, prompts, lengths, cache=init_cache(cfg.model, 2, 38), **kw)
   dense = generate(model, params, prompts, lengths, cache=init_cache(tiny_model()[0].model, 2, 38),
                    **kw)
-  got = _chunked_generate(model, params, cfg.model, prompts, lengths, max_new_tokens=8,
-                          eos_id=None, pad_id=0, chunk=8)
+  got = generate(model, params, prompts, lengths, cache=init_cache(cfg.model, 2, 38), chunk=8,
+                 **kw)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert (np.asarray(got.tokens) != np.asarray(dense.tokens)).any()
 
 
 def test_decode_reports_the_policy_in_the_method_tag():
   cfg = kvjax.load_config(None, ["model.eviction.policy=h2o", "model.eviction.keep_ratio=0.25"])
-  assert method_name(cfg.model) == "llama/mha/h2o@0.25"
+  assert registry.method_tag(cfg.model) == "llama/mha/h2o@0.25"

@@ -1,5 +1,5 @@
 """Attention-Gate: masked forward == prefill with eviction + decode, per-head flags, compacted
-cache bytes, the eviction loss, baselines keeping exactly their count, config errors."""
+cache bytes, the eviction loss, eviction policies keeping exactly their count, config errors."""
 
 import functools
 
@@ -9,17 +9,18 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from helpers import random_tokens, tiny_model
 
 import kvjax
-from kvjax.config import ConfigError
+from kvjax.cache.compact import EMPTY, compact_layout
 from kvjax.decode import init_cache
-from kvjax.decode.compact_cache import EMPTY, init_compact_cache
-from kvjax.gate import BASELINES, baseline_keep
-from kvjax.gate.baselines import attention_probs, evicted_prefill
+from kvjax.errors import ConfigError
+from kvjax.eviction.policies import (POLICIES, attention_probs, keep_counts, keep_top, key_scores,
+                                     observed_attention)
 from kvjax.gate.layer import BIAS_STEP
-from kvjax.layers.attention import causal_mask, dot_product_attention
+from kvjax.layers.cache import Chunk
+from kvjax.layers.dot_product import causal_mask, dot_product_attention
 from kvjax.training.loss import next_token_loss
+from tests.helpers import kept_counts, random_tokens, tiny_model
 
 GATE = ("model.attention_gate.enable=true", "model.attention_gate.num_heads=2",
         "model.attention_gate.head_dim=8", "model.attention_gate.num_sinks=2")
@@ -30,7 +31,7 @@ def set_score_bias(params, bias_K):
   the token parts spread ~1 around it)."""
   flat = traverse_util.flatten_dict(params)
   for path in flat:
-    if "gate" in path and path[-1] == "bias":
+    if "filter" in path and path[-1] == "bias":
       flat[path] = jnp.asarray(bias_K, jnp.float32) / BIAS_STEP
   return traverse_util.unflatten_dict(flat)
 
@@ -41,6 +42,12 @@ def run(model, params, tokens_BxT, positions_BxT=None, cache=None):
   if cache is None:
     return model.apply({"params": params}, tokens_BxT)
   return model.apply({"params": params}, tokens_BxT, positions=positions_BxT, cache=cache)
+
+
+def queries_at(q_pos_BxT):
+  """The chunk a compacted layout's `attend` reads: only the queries' positions (its K/V were
+  written already)."""
+  return Chunk(k=None, v=None, positions=q_pos_BxT)
 
 
 def gated(*overrides, bias=(-0.3, 0.3)):
@@ -54,7 +61,7 @@ def incremental(model, params, cfg, tokens_BxT, prompt_len):
   cache = init_cache(cfg, b, t)
   pos = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
   logits, cache = run(model, params, tokens_BxT[:, :prompt_len], pos, cache)
-  cache = cache.after_prefill(t - prompt_len)
+  cache = cache.finish_prefill(t - prompt_len, jax.random.key(0))
   outs = [logits]
   for i in range(prompt_len, t):
     logits, cache = run(model, params, tokens_BxT[:, i:i + 1], jnp.full((b, 1), i), cache)
@@ -71,7 +78,7 @@ def test_masked_forward_equals_prefill_with_eviction_and_decode(sharing):
   full = run(model, params, tokens)
   inc, cache = incremental(model, params, cfg, tokens, prompt_len=9)
   np.testing.assert_allclose(inc, full, atol=2e-5, rtol=2e-5)
-  kept = cache.kept_counts()
+  kept = kept_counts(cache)
   assert (kept < 20).all() and (kept >= 2).all()  # evictions happened, sinks stayed
 
 
@@ -82,12 +89,12 @@ def test_without_gating_on_write_decoded_tokens_are_all_appended():
   cache = init_cache(cfg, b, t)
   pos = jnp.broadcast_to(jnp.arange(p), (b, p))
   _, cache = run(model, params, tokens[:, :p], pos, cache)
-  cache = cache.after_prefill(t - p)
-  before = cache.kept_counts()
+  cache = cache.finish_prefill(t - p, jax.random.key(0))
+  before = kept_counts(cache)
   assert (before < p).any()
   for i in range(p, t):
     _, cache = run(model, params, tokens[:, i:i + 1], jnp.full((b, 1), i), cache)
-  np.testing.assert_array_equal(cache.kept_counts(), before + (t - p))
+  np.testing.assert_array_equal(kept_counts(cache), before + (t - p))
 
 
 def test_flags_are_per_kv_head():
@@ -96,14 +103,15 @@ def test_flags_are_per_kv_head():
   tokens = random_tokens(1, 12, seed=5)
   cache = init_cache(cfg, 1, 12)
   _, cache = run(model, params, tokens, jnp.arange(12)[None], cache)
-  np.testing.assert_array_equal(cache.kept_counts()[:, 0], [[12, 2]] * cfg.num_layers)
+  np.testing.assert_array_equal(kept_counts(cache)[:, 0], [[12, 2]] * cfg.num_layers)
   # The gate changes only the heads it evicts for: head 0's queries see all 12 tokens.
   layer = cache.layers[0]
   q = jax.random.normal(jax.random.key(0), (1, 1, cfg.num_heads, cfg.head_dim_))
   q_pos = jnp.full((1, 1), 11)
   dense_out = dot_product_attention(q[:, :, :2], layer.k[:, :12, None], layer.v[:, :12, None],
                                     causal_mask(q_pos, jnp.arange(12)[None]))
-  np.testing.assert_allclose(layer.attend(q, q_pos, impl="xla")[:, :, :2], dense_out, atol=1e-6)
+  np.testing.assert_allclose(layer.attend(q, queries_at(q_pos))[0][:, :, :2], dense_out,
+                             atol=1e-6)
 
 
 def test_compacted_cache_bytes_are_kept_entries_times_entry_size():
@@ -112,12 +120,14 @@ def test_compacted_cache_bytes_are_kept_entries_times_entry_size():
   cache = init_cache(cfg, 1, 24)
   _, cache = run(model, params, tokens, jnp.arange(24)[None], cache)
   full_bytes = cache.nbytes
-  cache = cache.after_prefill(0)
-  kept = int(cache.kept_counts().sum())
+  cache = cache.finish_prefill(0, jax.random.key(0))
+  kept = int(kept_counts(cache).sum())
   entry = 2 * cfg.head_dim_ * 4 + 4  # K and V rows in float32, and the row's int32 position
+  g = cfg.attention_gate  # while the prompt goes in, the gate keeps its own float32 K/V
+  gate_entry = 2 * g.num_heads * g.head_dim * 4
   assert kept < cfg.num_kv_layers * cfg.num_kv_heads * 24
   assert cache.nbytes == kept * entry
-  assert full_bytes == cfg.num_kv_layers * cfg.num_kv_heads * 24 * entry
+  assert full_bytes == cfg.num_kv_layers * 24 * (cfg.num_kv_heads * entry + gate_entry)
 
 
 def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts():
@@ -136,8 +146,8 @@ def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts():
 def test_eviction_loss_moves_every_heads_kept_fraction_to_the_target():
   cfg, model, params = tiny_model(*GATE, "model.attention_gate.keep_ratio=0.6",
                                   "model.attention_gate.loss_weight=10.0")
-  gate = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" in p}
-  frozen = {p: x for p, x in traverse_util.flatten_dict(params).items() if "gate" not in p}
+  gate = {p: x for p, x in traverse_util.flatten_dict(params).items() if "filter" in p}
+  frozen = {p: x for p, x in traverse_util.flatten_dict(params).items() if "filter" not in p}
   merge = lambda g: traverse_util.unflatten_dict({**frozen, **g})
   opt = optax.adam(3e-3)
   tokens = random_tokens(4, 33, seed=8)
@@ -154,36 +164,43 @@ def test_eviction_loss_moves_every_heads_kept_fraction_to_the_target():
   for _ in range(80):
     gate, state, metrics = step(gate, state)
   kept = {k: 1 - np.asarray(v) for k, v in metrics.items() if k.endswith("evict_ratio")}
-  assert set(kept) == {f"layer_{i}/attn/gate/evict_ratio" for i in range(cfg.model.num_layers)}
+  assert set(kept) == {f"layer_{i}/attn/filter/evict_ratio" for i in range(cfg.model.num_layers)}
   assert all(np.asarray(first[k]).max() < 0.05 for k in kept)  # starts keeping everything
   for k, v in kept.items():  # every head, not only the layer's mean (no all-or-nothing heads)
     assert v.shape == (cfg.model.num_kv_heads,)
     assert np.abs(v - 0.6).max() < 0.1, (k, v)
 
 
-@pytest.mark.parametrize("method", BASELINES)
-def test_every_baseline_keeps_exactly_the_requested_count(method):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_keeps_exactly_the_requested_count(policy):
   q = jax.random.normal(jax.random.key(1), (2, 40, 4, 8))
   k = jax.random.normal(jax.random.key(2), (2, 40, 2, 8))
-  probs = attention_probs(q, k)
-  for n in (1, 7, 40):
-    keep = baseline_keep(method, n, probs, (2, 2), 40, jax.random.key(3))
+  pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+  lengths = jnp.array([40, 40])
+  probs = attention_probs(q, k, pos, pos)
+  observed = (observed_attention(policy, probs, pos, lengths) if policy in ("h2o", "tova", "snapkv")
+              else jnp.zeros((2, 2, 40)))
+  for ratio, n in ((0.01, 1), (7 / 40, 7), (1.0, 40)):
+    counts = keep_counts(ratio, lengths)
+    keep = keep_top(key_scores(policy, observed, lengths, jax.random.key(3)), counts)
     assert keep.shape == (2, 40, 2)
     np.testing.assert_array_equal(keep.sum(axis=1), n)
 
 
-@pytest.mark.parametrize("method", ["streaming_llm", "snapkv"])
-def test_baseline_cache_keeps_the_count_and_decodes(method):
-  cfg, model, params = tiny_model("model.kv_sharing.factor=2")
+@pytest.mark.parametrize("policy", ["streaming_llm", "snapkv"])
+def test_policy_cache_keeps_the_count_and_decodes(policy):
+  cfg, model, params = tiny_model("model.kv_sharing.factor=2", f"model.eviction.policy={policy}",
+                                  f"model.eviction.keep_ratio={10 / 36}")
   tokens = random_tokens(2, 40, seed=9)
-  _, cache = evicted_prefill(model, params, tokens[:, :36], method, n=10, room=4,
-                             rng=jax.random.key(0))
-  np.testing.assert_array_equal(cache.kept_counts(), 10)
+  cache, _, _ = kvjax.decode.prefill_cache(model, params, tokens[:, :36], [36, 36],
+                                           init_cache(cfg.model, 2, 40))
+  cache = cache.finish_prefill(4, jax.random.key(0))
+  np.testing.assert_array_equal(kept_counts(cache), 10)
   logits, cache = run(model, params, tokens[:, 36:], jnp.broadcast_to(jnp.arange(36, 40), (2, 4)),
                       cache)
   assert np.isfinite(np.asarray(logits)).all()
-  np.testing.assert_array_equal(cache.kept_counts(), 14)
-  if method == "streaming_llm":  # sinks and the most recent tokens, in position order
+  np.testing.assert_array_equal(kept_counts(cache), 14)
+  if policy == "streaming_llm":  # sinks and the most recent tokens, in position order
     pos = np.asarray(cache.layers[0].pos[0, :14])
     np.testing.assert_array_equal(pos, [0, 1, 2, 3, *range(30, 40)])
 
@@ -194,13 +211,13 @@ def test_compacted_attention_equals_dense_attention_under_the_keep_mask():
   k, v = (jax.random.normal(jax.random.key(i), (b, s, kh, cfg.head_dim_)) for i in (1, 2))
   keep = jax.random.bernoulli(jax.random.key(3), 0.4, (b, s, kh))
   pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-  layer = init_compact_cache(cfg, b, s).layers[0].write(k, v, pos, keep)
+  layer = compact_layout(b, s, kh, cfg.head_dim_, jnp.float32).write(Chunk(k, v, pos, keep))
   q = jax.random.normal(jax.random.key(4), (b, 5, cfg.num_heads, cfg.head_dim_))
   q_pos = pos[:, [0, 7, 8, 20, 29]]
   causal_BxTxS = causal_mask(q_pos, pos)
   self_BxTxS = pos[:, None, :] == q_pos[:, :, None]
   mask_BxKxTxS = causal_BxTxS[:, None] & (jnp.moveaxis(keep, 2, 1)[:, :, None] | self_BxTxS[:, None])
-  np.testing.assert_allclose(layer.attend(q, q_pos, impl="xla"),
+  np.testing.assert_allclose(layer.attend(q, queries_at(q_pos))[0],
                              dot_product_attention(q, k, v, mask_BxKxTxS), atol=1e-6)
 
 
@@ -209,16 +226,17 @@ def test_compacted_cache_pallas_decode_matches_xla():
   tokens = random_tokens(1, 60, seed=11)
   cache = init_cache(cfg, 1, 64)
   _, cache = run(model, params, tokens, jnp.arange(60)[None], cache)
-  cache = cache.after_prefill(2)
+  cache = cache.finish_prefill(2, jax.random.key(0))
   layer = cache.layers[0]
-  assert all(s % 64 == 0 for s in layer.sizes)
+  assert layer.impl == "pallas" and all(s % 64 == 0 for s in layer.heads.sizes)
   q = jax.random.normal(jax.random.key(0), (1, 1, cfg.num_heads, cfg.head_dim_))
-  layer = layer.write(*(jax.random.normal(jax.random.key(i), (1, 1, cfg.num_kv_heads,
-                                                               cfg.head_dim_)) for i in (1, 2)),
-                      jnp.full((1, 1), 60))
-  np.testing.assert_allclose(layer.attend(q, jnp.full((1, 1), 60), impl="pallas"),
-                             layer.attend(q, jnp.full((1, 1), 60), impl="xla"), atol=1e-5)
-  assert int(((layer.pos >= 0) & (layer.pos < EMPTY)).sum()) == cache.kept_counts()[0].sum() + 2
+  k, v = (jax.random.normal(jax.random.key(i), (1, 1, cfg.num_kv_heads, cfg.head_dim_))
+          for i in (1, 2))
+  layer = layer.write(Chunk(k, v, jnp.full((1, 1), 60)))
+  at_60 = queries_at(jnp.full((1, 1), 60))
+  np.testing.assert_allclose(layer.attend(q, at_60)[0],
+                             layer.replace(impl="xla").attend(q, at_60)[0], atol=1e-5)
+  assert int(((layer.pos >= 0) & (layer.pos < EMPTY)).sum()) == kept_counts(cache)[0].sum() + 2
 
 
 @pytest.mark.parametrize("override, message", [

@@ -41,14 +41,15 @@ def test_checkpoint_holds_only_the_gates(runs):
   _, _, _, gate_dir = runs
   meta = json.loads(next(checkpoint_dir(gate_dir).glob("*/params/_METADATA")).read_text())
   names = meta["tree_metadata"].keys()
-  assert names and all("gate" in n for n in names)
+  assert names and all("'attn', 'filter'" in n for n in names)  # stringified path tuples
 
 
 def test_restored_model_is_the_frozen_base_plus_trained_gates(runs):
   base_cfg, base_dir, gate_cfg, gate_dir = runs
   base = traverse_util.flatten_dict(restore_params(base_dir, base_cfg))
   full = traverse_util.flatten_dict(restore_params(gate_dir, gate_cfg))
-  assert set(full) - set(base) and all("gate" in p for p in set(full) - set(base))
+  added = set(full) - set(base)
+  assert added and all(p[p.index("attn") + 1] == "filter" for p in added)
   for path, leaf in base.items():
     np.testing.assert_array_equal(full[path], leaf)
   tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
@@ -62,5 +63,5 @@ def test_eviction_ratio_per_layer_and_head_is_logged(runs):
   logged = {k for m in lines for k in m}
   for layer in range(2):
     for head in range(2):
-      assert f"layer_{layer}/attn/gate/evict_ratio/{head}" in logged
+      assert f"layer_{layer}/attn/filter/evict_ratio/{head}" in logged
   assert "lm_loss" in logged and list(Path(gate_dir).glob("events.out.tfevents*"))

@@ -14,7 +14,7 @@ import transformers
 
 import kvjax
 from kvjax import io as kio
-from kvjax.config import ConfigError
+from kvjax.errors import ConfigError
 from kvjax.io.tokenizer import tokenizer_from_hf_dir
 
 TINY_LLAMA = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +92,7 @@ def test_gated_config_loads_with_fresh_gates_and_the_rest_from_the_file(tiny_hf)
   gated = flax.traverse_util.flatten_dict(kio.load_weights(cfg))
   loaded = flax.traverse_util.flatten_dict(kio.load_weights(plain))
   extra = set(gated) - set(loaded)
-  assert extra and all(p[1:3] == ("attn", "gate") for p in extra) and set(loaded) <= set(gated)
+  assert extra and all(p[1:3] == ("attn", "filter") for p in extra) and set(loaded) <= set(gated)
   for p, leaf in loaded.items():
     np.testing.assert_array_equal(gated[p], leaf)
   assert all(np.abs(gated[p]).max() > 0 for p in extra)

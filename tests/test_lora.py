@@ -11,13 +11,11 @@ import pytest
 from flax import traverse_util
 
 import kvjax
-from kvjax.config import ConfigError
-from kvjax.gate import is_gate_param
+from kvjax import registry
+from kvjax.errors import ConfigError
 from kvjax.training import restore_params, train
-from kvjax.training.base import split_params
 from kvjax.training.checkpoint import checkpoint_dir
-from kvjax.training.lora import LORA, apply_lora, init_lora
-from kvjax.training.state import init_params
+from kvjax.training.params import LORA, apply_lora, init_lora, init_params, split_params
 from kvjax.training.step import compiled_steps
 
 TINY = ("model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
@@ -85,18 +83,19 @@ def test_a_step_changes_lora_and_gates_not_the_base(runs, text_dir):
   assert set(after_f) == set(before_f)
   lora_b = [p for p in after_f if p.startswith(f"{LORA}/") and p.endswith("/b")]
   assert lora_b and all(np.any(after_f[p] != 0) for p in lora_b)
-  assert not np.array_equal(after_f["layer_0/attn/gate/score/kernel"],
-                            before_f["layer_0/attn/gate/score/kernel"])
+  assert not np.array_equal(after_f["layer_0/attn/filter/score/kernel"],
+                            before_f["layer_0/attn/filter/score/kernel"])
   for path, leaf in flat(after.frozen).items():
     np.testing.assert_array_equal(leaf, flat(base)[path])
 
 
 def test_checkpoint_holds_only_gates_and_lora(runs):
-  _, (_, lora_dir) = runs
+  _, (lora_cfg, lora_dir) = runs
   meta = json.loads(next(checkpoint_dir(lora_dir).glob("*/params/_METADATA")).read_text())
   paths = [ast.literal_eval(name) for name in meta["tree_metadata"]]
   lora = [p for p in paths if p[0] == LORA]
-  gates = [p for p in paths if is_gate_param(p)]
+  gates = [p for p in paths if registry.is_added_param(lora_cfg.model, p)]
+  assert all("filter" in p for p in gates)
   assert lora and gates and len(lora) + len(gates) == len(paths)
   assert {p[-3] for p in lora} == {"q", "v", "up"}  # the module holding each adapted kernel
 
@@ -104,8 +103,9 @@ def test_checkpoint_holds_only_gates_and_lora(runs):
 def test_restore_gives_base_plus_delta(runs):
   (_, base), (lora_cfg, lora_dir) = runs
   restored = flat(restore_params(lora_dir, lora_cfg))
-  from kvjax.training.checkpoint import _manager  # noqa: PLC0415 (the raw saved tree)
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from kvjax.training.checkpoint import _manager  # noqa: PLC0415 (the raw saved tree)
   with _manager(lora_dir, ocp.CheckpointManagerOptions(create=False)) as m:
     saved = m.restore(m.latest_step(), args=ocp.args.Composite(
         params=ocp.args.StandardRestore())).params
@@ -118,8 +118,8 @@ def test_restore_gives_base_plus_delta(runs):
       np.testing.assert_allclose(restored[path], w + scale * delta, rtol=1e-5, atol=1e-6)
     else:
       np.testing.assert_array_equal(restored[path], w)
-  gate = flat(saved)["layer_1/attn/gate/bias"]
-  np.testing.assert_array_equal(restored["layer_1/attn/gate/bias"], gate)
+  gate = flat(saved)["layer_1/attn/filter/bias"]
+  np.testing.assert_array_equal(restored["layer_1/attn/filter/bias"], gate)
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -143,4 +143,4 @@ def test_frozen_base_lacking_a_non_gate_parameter_is_rejected(runs):
   partial = flat(base)
   del partial["layer_1/mlp_norm/scale"]
   with pytest.raises(ConfigError, match="layer_1/mlp_norm/scale"):
-    split_params(params, traverse_util.unflatten_dict(partial, sep="/"))
+    split_params(params, traverse_util.unflatten_dict(partial, sep="/"), lora_cfg.model)

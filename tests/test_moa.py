@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError
-from kvjax.layers.attention import dot_product_attention
+from kvjax.errors import ConfigError
+from kvjax.layers.dot_product import dot_product_attention
 from kvjax.moa.masks import prefill_mask
 from kvjax.moa.plan import Plan, load_plan, uniform_plan
 from kvjax.moa.prefill import block_sparse_attention
@@ -46,20 +46,20 @@ def test_malformed_plans_are_rejected_with_the_reason(tmp_path, data, message):
 def test_config_validates_the_plan_against_the_model(tmp_path):
   path = tmp_path / "plan.json"
   PLAN.save(path)
-  cfg = kvjax.load_config(None, [*TINY, f"model.moa_plan={path}"])
-  assert cfg.model.moa_plan == str(path)
+  cfg = kvjax.load_config(None, [*TINY, f"model.moa.plan={path}"])
+  assert cfg.model.moa.plan == str(path)
   with pytest.raises(ConfigError, match="rules for 2 layers, the model has model.num_layers=3"):
-    kvjax.load_config(None, [*TINY, f"model.moa_plan={path}", "model.num_layers=3"])
+    kvjax.load_config(None, [*TINY, f"model.moa.plan={path}", "model.num_layers=3"])
   with pytest.raises(ConfigError, match="4 heads per layer, the model has model.num_heads=8"):
-    kvjax.load_config(None, [*TINY, f"model.moa_plan={path}", "model.num_heads=8",
+    kvjax.load_config(None, [*TINY, f"model.moa.plan={path}", "model.num_heads=8",
                              "model.head_dim=8"])
   with pytest.raises(ConfigError, match="no such file"):
-    kvjax.load_config(None, [*TINY, f"model.moa_plan={tmp_path}/missing.json"])
+    kvjax.load_config(None, [*TINY, f"model.moa.plan={tmp_path}/missing.json"])
   (tmp_path / "junk.json").write_text("{not json")
   with pytest.raises(ConfigError, match="is not valid JSON"):
-    kvjax.load_config(None, [*TINY, f"model.moa_plan={tmp_path}/junk.json"])
-  with pytest.raises(ConfigError, match="model.moa_sink_tokens: must be in"):
-    kvjax.load_config(None, [*TINY, "model.moa_sink_tokens=80"])
+    kvjax.load_config(None, [*TINY, f"model.moa.plan={tmp_path}/junk.json"])
+  with pytest.raises(ConfigError, match="model.moa.sink_tokens: must be in"):
+    kvjax.load_config(None, [*TINY, "model.moa.sink_tokens=80"])
 
 
 def test_cache_sizes_follow_the_formula():
@@ -110,8 +110,8 @@ def test_model_with_a_plan_uses_its_windows(tmp_path):
   uniform_plan(2, 4, alpha=0, beta=0.0).save(narrow)
   def moa(path):
     model = kvjax.build_model(kvjax.load_config(None, [
-        *TINY, "model.max_seq_len=128", f"model.moa_plan={path}", "model.moa_block_size=16",
-        "model.moa_sink_tokens=4"]).model)
+        *TINY, "model.max_seq_len=128", f"model.moa.plan={path}", "model.moa.block_size=16",
+        "model.moa.sink_tokens=4"]).model)
     return jax.jit(lambda p, x: model.apply({"params": p}, x))(params, tokens)
   np.testing.assert_allclose(moa(full), dense, atol=1e-4)
   sparse = moa(narrow)

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 import kvjax
+from kvjax.cache.dense import DenseLayout
 from kvjax.decode import generate, init_cache
-from kvjax.decode.cache import DenseLayerCache, KVCache
-from kvjax.layers.attention import dot_product_attention
+from kvjax.layers.cache import KVCache
+from kvjax.layers.dot_product import dot_product_attention
 from kvjax.moa.masks import decode_mask, prefill_mask
-from kvjax.moa.plan import Plan, layer_layouts
+from kvjax.moa.plan import Plan
 from tests.helpers import TINY, random_tokens
 
 P, G = 37, 20  # prompt and generated tokens: N = 57, block 8, sink 4
@@ -26,15 +27,15 @@ UNIFORM = Plan(alphas=((40.0,) * 4,) * 2, betas=((0.0,) * 4,) * 2)  # 48 slots a
 def build(tmp_path, plan, *extra, block=8):
   path = tmp_path / "plan.json"
   plan.save(path)
-  cfg = kvjax.load_config(None, [*TINY, "model.max_seq_len=128", f"model.moa_plan={path}",
-                                 f"model.moa_block_size={block}", "model.moa_sink_tokens=4",
+  cfg = kvjax.load_config(None, [*TINY, "model.max_seq_len=128", f"model.moa.plan={path}",
+                                 f"model.moa.block_size={block}", "model.moa.sink_tokens=4",
                                  *extra])
   model = kvjax.build_model(cfg.model)
   return cfg, model, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
 
 
 @flax.struct.dataclass
-class MaskedFullCache(DenseLayerCache):
+class MaskedFullCache(DenseLayout):
   """Reference: every token kept; a query before `prompt_len` sees the prefill mask, a later
   one the decode mask, both from the plan at the same N."""
 
@@ -44,11 +45,8 @@ class MaskedFullCache(DenseLayerCache):
   sink: int = flax.struct.field(pytree_node=False, default=0)
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
 
-  def write(self, k, v, positions):
-    dense = DenseLayerCache(self.k, self.v).write(k, v, positions)
-    return self.replace(k=dense.k, v=dense.v)
-
-  def attend(self, q_BxTxHxD, positions_BxT, impl="auto", kv=None):
+  def attend(self, q_BxTxHxD, chunk):
+    positions_BxT = chunk.positions
     b, t = positions_BxT.shape
     slots_BxS = jnp.broadcast_to(jnp.arange(self.max_len), (b, self.max_len))
     pre_HxSxS = prefill_mask(self.max_len, self.num_local, self.block, self.sink)
@@ -56,15 +54,22 @@ class MaskedFullCache(DenseLayerCache):
     dec_BxHxTxS = decode_mask(positions_BxT, slots_BxS, self.windows, self.sink)
     in_prompt = (positions_BxT < self.prompt_len)[:, None, :, None]
     mask = jnp.where(in_prompt, pre_BxHxTxS, dec_BxHxTxS)
-    return dot_product_attention(q_BxTxHxD, self.k, self.v, mask)
+    return dot_product_attention(q_BxTxHxD, self.k, self.v, mask), self
 
 
-def reference_cache(cfg, batch, n, prompt_len):
+def reference_cache(cfg, plan, batch, n, prompt_len):
+  """The plan's masks at final length `n`, computed here from its rules (sizes rounded up to
+  blocks, windows = size - sink, prefill bands = the windows in blocks)."""
   shape = (batch, n, cfg.num_kv_heads, cfg.head_dim_)
-  return KVCache(layers=tuple(
-      MaskedFullCache(jnp.zeros(shape), jnp.zeros(shape), lay.num_local_blocks, lay.windows,
-                      lay.block, lay.sink, prompt_len)
-      for lay in layer_layouts(cfg, n)))
+  block, sink = cfg.moa.block_size, cfg.moa.sink_tokens
+  layers = []
+  for alphas, betas in zip(plan.alphas, plan.betas):
+    spans = [np.floor(a + b * n) for a, b in zip(alphas, betas)]
+    sizes = [int(-(-max(min(s, n), 2 * block) // block) * block) for s in spans]
+    layers.append(MaskedFullCache(
+        jnp.zeros(shape), jnp.zeros(shape), num_local=tuple(-(-(s - sink) // block) for s in sizes),
+        windows=tuple(s - sink for s in sizes), block=block, sink=sink, prompt_len=prompt_len))
+  return KVCache(layers=tuple(layers), max_len=n)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -76,7 +81,7 @@ def test_ring_buffer_decode_equals_full_forward_under_the_same_mask(tmp_path, im
   n = P + G
   positions = jnp.broadcast_to(jnp.arange(n), (2, n))
   apply = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, positions=pos, cache=c))
-  want, _ = apply(params, tokens, positions, reference_cache(cfg.model, 2, n, P))
+  want, _ = apply(params, tokens, positions, reference_cache(cfg.model, plan, 2, n, P))
 
   logits, cache = apply(params, tokens[:, :P], positions[:, :P], init_cache(cfg.model, 2, n))
   got = [logits]
@@ -93,10 +98,10 @@ def test_cache_bytes_are_the_sum_of_per_head_sizes(tmp_path):
   # layer 1 spans 40, 16, 11, 100 -> sizes 40, 16, 16, 64 (57 rounded up) -> KV heads 40, 64.
   per_token = 2 * cfg.model.head_dim_ * 4  # K and V, float32
   assert [layer.k.shape[1] for layer in cache.layers] == [24 + 40, 40 + 64]
-  kv_bytes = sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
-  assert kv_bytes == 3 * per_token * (24 + 40 + 40 + 64)
-  assert cache.nbytes == sum(x.nbytes for x in jax.tree.leaves(cache))
-  dense = init_cache(dataclasses.replace(cfg.model, moa_plan=""), 3, P + G)
+  lengths = 2 * 3 * 4  # every layer's int32 prompt lengths
+  assert cache.nbytes == 3 * per_token * (24 + 40 + 40 + 64) + lengths
+  dense = init_cache(dataclasses.replace(cfg.model, moa=dataclasses.replace(cfg.model.moa,
+                                                                            plan="")), 3, P + G)
   assert cache.nbytes < dense.nbytes
 
 
@@ -113,17 +118,15 @@ def test_generate_with_right_padded_prompts_keeps_the_real_tokens(tmp_path):
   np.testing.assert_array_equal(batch.tokens[1], alone.tokens[0])
 
 
-def test_eval_chunked_generation_equals_generate(tmp_path):
-  """The eval's generation path (prefill in chunks smaller than the prompt, right-padded prompts)
-  decodes what `generate` decodes: the ring cache gets the prompt in one write and its length."""
-  from kvjax.eval.long_context import _chunked_generate  # noqa: PLC0415
-
+def test_chunked_generation_equals_generate(tmp_path):
+  """Prefill in chunks smaller than the prompt (the long-context eval's) of right-padded prompts
+  decodes what one write decodes: the ring cache gets the prompt in one write and its length."""
   cfg, model, params = build(tmp_path, PLAN)
   params = jax.tree.map(lambda x: 6 * x, params)  # sharp attention: tokens depend on the cache
   prompts = np.asarray(random_tokens(2, P, seed=6))
   lengths = np.array([P, 29], np.int32)
   want = generate(model, params, prompts, lengths, max_new_tokens=G, rng=jax.random.key(0),
                   cache=init_cache(cfg.model, 2, P + G))
-  got = _chunked_generate(model, params, cfg.model, prompts, lengths, max_new_tokens=G,
-                          eos_id=None, pad_id=0, chunk=8)
+  got = generate(model, params, prompts, lengths, max_new_tokens=G, rng=jax.random.key(0),
+                 cache=init_cache(cfg.model, 2, P + G), chunk=8)
   np.testing.assert_array_equal(got.tokens, want.tokens)

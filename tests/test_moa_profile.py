@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from kvjax.decode.cache import KVCache
+from kvjax.layers.cache import KVCache, Layout
 from kvjax.moa.masks import prefill_mask
 from kvjax.moa.profile import block_influence, masked_loss, response_losses
 from tests.helpers import random_tokens, tiny_model
@@ -26,35 +26,33 @@ def setup():
 
 
 @flax.struct.dataclass
-class PerturbedCache:
-  """Reference attention whose probabilities get `delta` added (no renormalisation)."""
+class PerturbedLayout(Layout):
+  """Reference attention over a whole sequence whose probabilities get `delta` added (no
+  renormalisation)."""
 
-  k: jax.Array
-  v: jax.Array
   delta: jax.Array  # B x H x T x T
 
-  def write(self, k, v, positions):
-    return self.replace(k=k, v=v)
+  def write(self, chunk):
+    return self
 
-  def attend(self, q_BxTxHxD, positions, impl="auto", kv=None):
+  def attend(self, q_BxTxHxD, chunk):
     b, t, h, d = q_BxTxHxD.shape
-    k_BxTxHxD = jnp.repeat(self.k, h // self.k.shape[2], axis=2)
-    v_BxTxHxD = jnp.repeat(self.v, h // self.v.shape[2], axis=2)
+    k_BxTxHxD = jnp.repeat(chunk.k, h // chunk.k.shape[2], axis=2)
+    v_BxTxHxD = jnp.repeat(chunk.v, h // chunk.v.shape[2], axis=2)
     logits = jnp.einsum("bthd,bshd->bhts", q_BxTxHxD, k_BxTxHxD) / np.sqrt(d)
     probs = jax.nn.softmax(jnp.where(np.tril(np.ones((t, t), bool)), logits, -1e30), axis=-1)
     RECORDED.append(probs)
-    return jnp.einsum("bhts,bshd->bthd", probs + self.delta, v_BxTxHxD)
+    return jnp.einsum("bhts,bshd->bthd", probs + self.delta, v_BxTxHxD), self
 
 
 def test_influence_equals_the_formula_with_finite_differences(setup):
   cfg, model, params, tokens, weights = setup
-  shape = (2, T, cfg.model.num_kv_heads, cfg.model.head_dim_)
 
   @jax.jit
   def loss_and_probs(delta_LxBxHxTxT):
     RECORDED.clear()
-    cache = KVCache(layers=tuple(PerturbedCache(jnp.zeros(shape), jnp.zeros(shape),
-                                                delta_LxBxHxTxT[i]) for i in range(2)))
+    cache = KVCache(layers=tuple(PerturbedLayout(delta_LxBxHxTxT[i]) for i in range(2)),
+                    max_len=T)
     loss = jnp.sum(response_losses(model, params, tokens, weights, cache))
     return loss, jnp.stack(RECORDED)
 

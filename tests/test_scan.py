@@ -11,9 +11,9 @@ import optax
 import pytest
 
 import kvjax
-from kvjax.config import ConfigError
+from kvjax.cache.dense import StackedKVCache
 from kvjax.decode import SamplingConfig, generate, init_cache
-from kvjax.decode.cache import StackedKVCache
+from kvjax.errors import ConfigError
 from kvjax.models.llama import stack_layers, unstack_layers
 from kvjax.training import restore_params, train
 from tests.helpers import random_tokens, tiny_model

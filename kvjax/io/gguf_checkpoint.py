@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.io.errors import CheckpointError
+from kvjax.errors import CheckpointError
 from kvjax.io.tokenizer import CheckpointTokenizer, tokenizer_from_gguf
 
 _FLOAT_TYPES = ("F32", "F16", "F64")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.io.errors import CheckpointError
+from kvjax.errors import CheckpointError
 from kvjax.io.tokenizer import CheckpointTokenizer, tokenizer_from_hf_dir
 
 ARCHITECTURES = ("LlamaForCausalLM",)

@@ -2,8 +2,8 @@
 
 The target tree is whatever `build_model(cfg).init` would create (found with `jax.eval_shape`),
 so the loaded params always match the model; every leaf must come from the checkpoint, except
-an attention gate's (a Llama checkpoint has none: they are freshly initialised), and every
-checkpoint tensor must land somewhere.
+what the model's methods add (an attention gate's: a Llama checkpoint has none, they are freshly
+initialised), and every checkpoint tensor must land somewhere.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import ConfigError, ModelConfig
-from kvjax.gate.layer import is_gate_param
-from kvjax.io.errors import CheckpointError
+from kvjax import registry
+from kvjax.config import ModelConfig
+from kvjax.errors import CheckpointError, ConfigError
 from kvjax.models import build_model
 from kvjax.models.llama import stack_layers
 
@@ -69,19 +69,23 @@ def _hf_name(path: tuple[str, ...]) -> str:
                         f"checkpoint")
 
 
-def _initialised_gates(cfg: ModelConfig, tokens) -> dict[tuple[str, ...], jax.Array]:
-  """The attention gates' leaves of a fresh `build_model(cfg)` (none without gates); the jitted
-  init computes only those."""
+def _initialised_additions(cfg: ModelConfig, tokens, paths) -> dict[tuple[str, ...], jax.Array]:
+  """The leaves of a fresh `build_model(cfg)` that `cfg`'s methods add to a Llama model (an
+  attention gate's) and no checkpoint holds; the jitted init computes only those."""
+  added = [path for path in paths if registry.is_added_param(cfg, path)]
+  if not added:
+    return {}
+
   def init():
     params = nn.unbox(build_model(cfg).init(jax.random.key(0), tokens)["params"])
-    return {path: leaf for path, leaf in flax.traverse_util.flatten_dict(params).items()
-            if is_gate_param(path)}
-  return jax.jit(init)() if cfg.attention_gate.enable else {}
+    flat = flax.traverse_util.flatten_dict(params)
+    return {path: flat[path] for path in added}
+  return jax.jit(init)()
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where: str):
-  """Maps HF-named `[out, in]` tensors onto the params tree of `build_model(cfg)`; attention
-  gates are initialised."""
+  """Maps HF-named `[out, in]` tensors onto the params tree of `build_model(cfg)`; what the
+  model's methods add (attention gates) is initialised."""
   if cfg.scan_layers:  # checkpoints name layers one by one: fill the unrolled tree, then stack
     unrolled = params_from_tensors(tensors, dataclasses.replace(cfg, scan_layers=False), where)
     return stack_layers(unrolled, cfg)
@@ -89,7 +93,7 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where:
   abstract = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), tokens))["params"]
   flat = flax.traverse_util.flatten_dict(abstract)
   unused = set(tensors) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-  out = _initialised_gates(cfg, tokens)
+  out = _initialised_additions(cfg, tokens, flat)
   for path, leaf in flat.items():
     if path in out:
       continue

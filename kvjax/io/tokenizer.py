@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.io.errors import CheckpointError
+from kvjax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)

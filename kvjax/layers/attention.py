@@ -1,56 +1,24 @@
 """Multi-head attention with grouped K/V heads (MHA, GQA and MQA are `num_kv_heads` choices).
 
-The layer is cache-agnostic: a cache layout object supplies `write(k, v, positions)` and
-`attend(q, positions)`, so each method's layout (dense, ring buffers, compacted survivors)
-brings its own storage and masking while the projections stay here.
+The layer knows no KV-cache method. It projects queries and (if it owns them) rotated keys and
+values, writes them into the layout it is given and attends through it (`kvjax.layers.cache`):
+the layout decides what is stored and what each query sees, in training (a full-sequence
+layout) as in decoding (a cache). A method that decides which tokens are kept before they are
+written comes in as an optional K/V filter submodule (an attention gate).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kvjax.config import ModelConfig
+from kvjax.layers.cache import Chunk, Layout
 from kvjax.layers.linear import Linear
 from kvjax.layers.rope import apply_rope
-
-NEG_INF = -1e30
-
-
-def causal_mask(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
-  """Query at position p sees keys at positions <= p."""
-  return k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
-
-
-def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                          mask: jax.Array, weights_BxKxTxS: jax.Array | None = None) -> jax.Array:
-  """Softmax attention where each K/V head serves H/K query heads; float32 logits.
-
-  `mask` is `[B, T, S]` for all heads, or per head: `[B, K, T, S]` or `[B, H, T, S]`.
-  Rows whose mask is all False return zeros rather than NaN.
-  `weights_BxKxTxS` (optional, in [0, 1]) rescale the probabilities, which are then
-  renormalised: 0/1 weights give the masked result, and a straight-through estimator behind
-  them still gets a gradient for the keys they drop (those keep their softmax share).
-  """
-  b, t, h, d = q_BxTxHxD.shape
-  k = k_BxSxKxD.shape[2]
-  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                      preferred_element_type=jnp.float32) * (d ** -0.5)
-  if mask.ndim == 3:
-    mask_Bx1x1xTxS = mask[:, None, None]
-  else:
-    mask_Bx1x1xTxS = mask.reshape(b, k, -1, *mask.shape[2:])  # [B, K, 1 or G, T, S]
-  logits = jnp.where(mask_Bx1x1xTxS, logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(mask_Bx1x1xTxS, probs, 0.0)
-  if weights_BxKxTxS is not None:
-    probs = probs * weights_BxKxTxS[:, :, None]
-    probs = probs / jnp.maximum(probs.sum(axis=-1, keepdims=True), 1e-30)
-  probs = probs.astype(v_BxSxKxD.dtype)
-  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD)
-  return out_BxTxKxGxD.reshape(b, t, h, d)
 
 
 def _proj(cfg: ModelConfig, shape: tuple[int, ...], axes: tuple[str, ...], name: str,
@@ -65,60 +33,48 @@ class KVProjection(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
     cfg = self.cfg
     shape = (cfg.d_model, cfg.num_kv_heads, cfg.head_dim_)
-    k_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "k")(x_BxTxD)
-    v_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "v")(x_BxTxD)
+    k_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "k")(x_BxTxE)
+    v_BxTxKxD = _proj(cfg, shape, ("embed", "kv_heads", "head_dim"), "v")(x_BxTxE)
     k_BxTxKxD = apply_rope(k_BxTxKxD, positions_BxT, cfg.rope_theta)
     return k_BxTxKxD, v_BxTxKxD
 
 
 class Attention(nn.Module):
-  """Self-attention; `owns_kv=False` makes a layer that reads K/V produced elsewhere."""
+  """Self-attention through a layout; `owns_kv=False` makes a layer that reads the K/V of an
+  earlier layer (cross-layer sharing) instead of projecting its own.
+
+  kv_filter: makes the submodule `(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, state)` that
+    flags which of this layer's tokens later queries may see; its flags travel with the chunk,
+    and `state` is what the layout keeps for it between steps (`Layout.filter_state`).
+  """
 
   cfg: ModelConfig
   owns_kv: bool = True
-  layer: int = 0  # index in the stack, for methods with per-layer settings
+  kv_filter: Callable[..., nn.Module] | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, *, kv=None, cache=None):
-    """Returns `(out_BxTxD, kv, cache)`.
-
-    kv: `(k_BxTxKxD, v_BxTxKxD)` from a producer layer (used when `owns_kv` is False and
-      there is no cache); with `cfg.attention_gate`, also the gate's `keep_BxTxK` flags.
-    cache: a layer cache (`write`/`attend`); when given, this layer's K/V are written to it
-      (if it owns them) and attention reads the whole cache (`attend` also gets the chunk's own
-      K/V, for layouts that do not keep every written token).
-    Without a cache, attention is causal over the chunk, or `cfg.moa_plan`'s sparse windows.
-    """
+  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array, layout: Layout,
+               chunk: Chunk | None = None) -> tuple[jax.Array, Chunk, Layout]:
+    """Returns `(out_BxTxE, chunk, layout)`: `chunk` is this layer's K/V (or the producer's one
+    it was given, for a consumer), `layout` the layout after writing and attending."""
     cfg = self.cfg
     q_BxTxHxD = _proj(cfg, (cfg.d_model, cfg.num_heads, cfg.head_dim_),
-                      ("embed", "q_heads", "head_dim"), "q")(x_BxTxD)
+                      ("embed", "q_heads", "head_dim"), "q")(x_BxTxE)
     q_BxTxHxD = apply_rope(q_BxTxHxD, positions_BxT, cfg.rope_theta)
     q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "q_heads", "head_dim"))
     if self.owns_kv:
-      kv = KVProjection(cfg, name="kv")(x_BxTxD, positions_BxT)
-      if cfg.attention_gate.enable:  # learned eviction: the keep flags travel with the K/V
-        from kvjax.gate.layer import AttentionGate  # noqa: PLC0415 (kvjax.gate builds on layers)
-        keep_BxTxK, cache = AttentionGate(cfg, name="gate")(x_BxTxD, positions_BxT, cache)
-        kv = (*kv, keep_BxTxK)
-    if cache is not None:
-      if self.owns_kv:
-        k_BxTxKxD, v_BxTxKxD, *keep = kv
-        cache = cache.write(k_BxTxKxD, v_BxTxKxD, positions_BxT, *keep)
-      out_BxTxHxD = cache.attend(q_BxTxHxD, positions_BxT, impl=cfg.attention_impl, kv=kv)
-    elif cfg.moa_plan:
-      from kvjax.moa.prefill import plan_attention  # noqa: PLC0415 (kvjax.moa builds on layers)
-      out_BxTxHxD = plan_attention(cfg, self.layer, q_BxTxHxD, *kv)
-    else:
-      k_BxTxKxD, v_BxTxKxD, *keep = kv
-      mask_BxTxT = causal_mask(positions_BxT, positions_BxT)
-      weights = None
-      if keep:
-        from kvjax.gate.layer import visible_weights  # noqa: PLC0415
-        weights = visible_weights(keep[0], positions_BxT, positions_BxT)
-      out_BxTxHxD = dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxT, weights)
-    out_BxTxD = _proj(cfg, (cfg.num_heads, cfg.head_dim_, cfg.d_model),
+      k_BxTxKxD, v_BxTxKxD = KVProjection(cfg, name="kv")(x_BxTxE, positions_BxT)
+      keep_BxTxK = None
+      if self.kv_filter is not None:
+        keep_BxTxK, state = self.kv_filter(name="filter")(x_BxTxE, positions_BxT,
+                                                          layout.filter_state)
+        layout = layout.with_filter_state(state)
+      chunk = Chunk(k_BxTxKxD, v_BxTxKxD, positions_BxT, keep_BxTxK)
+      layout = layout.write(chunk)
+    out_BxTxHxD, layout = layout.attend(q_BxTxHxD, chunk)
+    out_BxTxE = _proj(cfg, (cfg.num_heads, cfg.head_dim_, cfg.d_model),
                       ("q_heads", "head_dim", "embed"), "o", in_dims=2)(out_BxTxHxD)
-    return out_BxTxD, kv, cache
+    return out_BxTxE, chunk, layout

@@ -7,7 +7,7 @@
 `plan` profiles attention influence on calibration data the model writes itself, searches one
 rule per head under the density budget, validates the candidates and writes the best as the
 authors' JSON (plus `<out>.report.json`). `uniform` writes one rule for every head (the
-StreamingLLM baseline: alpha 0, beta = density). Use a plan with `model.moa_plan=PATH`.
+StreamingLLM baseline: alpha 0, beta = density). Use a plan with `model.moa.plan=PATH`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from tqdm import tqdm
 import kvjax
 from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
 from kvjax.moa.plan import uniform_plan
-
 
 COMMANDS = ("plan", "uniform")
 
@@ -77,10 +76,10 @@ def check_plan_args(args, cfg) -> None:
   for name in ("samples", "val_samples", "response_tokens", "max_rules"):
     if getattr(args, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  block = cfg.model.moa_block_size
+  block = cfg.model.moa.block_size
   for n in args.lengths:
     if n % block or n > cfg.model.max_seq_len or n <= args.response_tokens + block:
-      raise UsageError(f"--lengths must be multiples of model.moa_block_size={block}, longer "
+      raise UsageError(f"--lengths must be multiples of model.moa.block_size={block}, longer "
                        f"than --response-tokens + one block and <= model.max_seq_len="
                        f"{cfg.model.max_seq_len}, got {n}")
   from kvjax.moa import search  # noqa: PLC0415
@@ -88,12 +87,15 @@ def check_plan_args(args, cfg) -> None:
   try:
     search.check_feasible(rules, args.lengths, num_layers=cfg.model.num_layers,
                           num_kv_heads=cfg.model.num_kv_heads, block=block,
-                          sink=cfg.model.moa_sink_tokens, budget=args.density,
+                          sink=cfg.model.moa.sink_tokens, budget=args.density,
                           max_rules=args.max_rules)
   except search.InfeasibleBudget as e:
     raise UsageError(f"{e} (--alphas, --betas, --density, --max-rules)") from None
   if not (cfg.model.weights or args.checkpoint):
     raise UsageError("nothing to profile: set model.weights or give --checkpoint")
+  if cfg.model.kind != "llama" or cfg.model.num_kv_layers < cfg.model.num_layers:
+    raise UsageError("profiling needs a Llama model without cross-layer K/V sharing (its "
+                     "influence is measured per layer); write a plan by hand or with `uniform`")
 
 
 def run_plan(args, cfg) -> None:
@@ -103,7 +105,8 @@ def run_plan(args, cfg) -> None:
   from kvjax.moa.pipeline import mean_influence, search_plan  # noqa: PLC0415
 
   start = time.perf_counter()
-  mcfg = dataclasses.replace(cfg.model, moa_plan="")  # profiling and responses run dense
+  # Profiling and responses run dense.
+  mcfg = dataclasses.replace(cfg.model, moa=dataclasses.replace(cfg.model.moa, plan=""))
   model, params = kvjax.build_model(mcfg), load_params(cfg, args.checkpoint)
   tokenizer = tokenizer_for(cfg)
   train_docs, val_docs = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)
@@ -116,7 +119,7 @@ def run_plan(args, cfg) -> None:
     validation[n] = calibration_set(model, params, mcfg, tokenizer, val_docs, length=n,
                                     count=args.val_samples,
                                     response_tokens=args.response_tokens, rng=rng)
-    influence[n] = mean_influence(model, params, *data, block=mcfg.moa_block_size,
+    influence[n] = mean_influence(model, params, *data, block=mcfg.moa.block_size,
                                   progress=lambda it, n=n: tqdm(it, desc=f"profile {n}"))
   plan, records = search_plan(model, params, influence, validation, budget=args.density,
                               alphas=grid(*args.alphas), betas=grid(*args.betas),

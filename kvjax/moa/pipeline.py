@@ -45,7 +45,7 @@ def search_plan(model, params, influence: dict[int, np.ndarray],
   cfg = model.cfg
   rules = search.rule_grid(alphas, betas, sorted(influence))
   space = search.build_space(influence, rules, num_kv_heads=cfg.num_kv_heads,
-                             block=cfg.moa_block_size, sink=cfg.moa_sink_tokens)
+                             block=cfg.moa.block_size, sink=cfg.moa.sink_tokens)
   records = []
   for choice in progress(search.candidates(space, budget=budget, max_rules=max_rules)):
     plan = search.to_plan(space, choice, cfg.num_heads)
@@ -54,6 +54,6 @@ def search_plan(model, params, influence: dict[int, np.ndarray],
         "profiled_loss": dict(zip(space.lengths, search.loss_of(space, choice).tolist())),
         "density": dict(zip(space.lengths, search.density_of(space, choice).tolist())),
         "validation_loss": validation_loss(model, params, plan, validation,
-                                           block=cfg.moa_block_size, sink=cfg.moa_sink_tokens)})
+                                           block=cfg.moa.block_size, sink=cfg.moa.sink_tokens)})
   best = min(records, key=lambda r: r["validation_loss"])
   return best["plan"], records

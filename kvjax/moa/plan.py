@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvjax.config import ConfigError, ModelConfig
+from kvjax.config import ModelConfig
+from kvjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Plan:
     span = np.floor(np.asarray(self.alphas) + np.asarray(self.betas) * n).astype(np.int64)
     return cache_size(span, n, block)
 
-  def check(self, cfg: ModelConfig, where: str = "model.moa_plan") -> None:
+  def check(self, cfg: ModelConfig, where: str = "model.moa.plan") -> None:
     """Raises ConfigError unless the plan has one rule per layer and query head of `cfg`."""
     layers, heads = self.shape
     _require(layers == cfg.num_layers, where,
@@ -92,7 +93,7 @@ def from_dict(data, where: str) -> Plan:
 def load_plan(path: str | Path) -> Plan:
   """Reads and validates a plan file (cached by path and modification time)."""
   path = Path(path)
-  _require(path.is_file(), "model.moa_plan", f"no such file: {path}")
+  _require(path.is_file(), "model.moa.plan", f"no such file: {path}")
   return _load(str(path), path.stat().st_mtime_ns)
 
 
@@ -102,47 +103,11 @@ def _load(path: str, mtime_ns: int) -> Plan:
   try:
     data = json.loads(Path(path).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"model.moa_plan: {path} is not valid JSON: {e}") from None
-  return from_dict(data, f"model.moa_plan: {path}")
+    raise ConfigError(f"model.moa.plan: {path} is not valid JSON: {e}") from None
+  return from_dict(data, f"model.moa.plan: {path}")
 
 
 def uniform_plan(num_layers: int, num_heads: int, alpha: float, beta: float) -> Plan:
   """The same rule for every head, e.g. the StreamingLLM baseline (alpha=0, beta=density)."""
   return Plan(alphas=((float(alpha),) * num_heads,) * num_layers,
               betas=((float(beta),) * num_heads,) * num_layers)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerLayout:
-  """What one layer's attention needs from a plan at final length `n`, all static."""
-
-  head_sizes: tuple[int, ...]  # per query head: sink + window slots
-  kv_sizes: tuple[int, ...]  # per KV head: the largest of its query heads
-  sink: int
-  block: int
-
-  @property
-  def num_local_blocks(self) -> tuple[int, ...]:
-    """Per query head, prefill blocks in the local band (the sink is extra)."""
-    return tuple(-(-(s - self.sink) // self.block) for s in self.head_sizes)
-
-  @property
-  def windows(self) -> tuple[int, ...]:
-    """Per query head, the recent tokens a decode step sees besides the sinks."""
-    return tuple(s - self.sink for s in self.head_sizes)
-
-  @property
-  def uniform_groups(self) -> bool:
-    """Every query head reads all of its KV head's slots (what the Pallas kernel does)."""
-    g = len(self.head_sizes) // len(self.kv_sizes)
-    return all(s == self.kv_sizes[h // g] for h, s in enumerate(self.head_sizes))
-
-
-def layer_layouts(cfg: ModelConfig, n: int) -> tuple[LayerLayout, ...]:
-  """Per layer, the plan `cfg.moa_plan` resolved at final length `n`."""
-  sizes_LxH = load_plan(cfg.moa_plan).cache_sizes(n, cfg.moa_block_size)
-  g = cfg.num_heads // cfg.num_kv_heads
-  kv_LxK = sizes_LxH.reshape(cfg.num_layers, cfg.num_kv_heads, g).max(axis=-1)
-  return tuple(LayerLayout(tuple(int(s) for s in h), tuple(int(s) for s in k),
-                           cfg.moa_sink_tokens, cfg.moa_block_size)
-               for h, k in zip(sizes_LxH, kv_LxK))

@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.config import ModelConfig
-from kvjax.layers.attention import NEG_INF, causal_mask, dot_product_attention
-from kvjax.moa.plan import layer_layouts
+from kvjax.layers.dot_product import NEG_INF, causal_mask, dot_product_attention
 
 
 def _band_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, num_local: int, block: int, sink: int):
@@ -67,10 +65,3 @@ def block_sparse_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD
       o = _band_attention(qh, kh, vh, nl, block, sink)
     out_BxTxHxD = out_BxTxHxD.at[:, :, heads].set(o)
   return out_BxTxHxD[:, :t]
-
-
-def plan_attention(cfg: ModelConfig, layer: int, q_BxTxHxD, k_BxTxKxD, v_BxTxKxD) -> jax.Array:
-  """Layer `layer` of `cfg.moa_plan` over a whole sequence (final length N = T)."""
-  layout = layer_layouts(cfg, q_BxTxHxD.shape[1])[layer]
-  return block_sparse_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, layout.num_local_blocks,
-                                block=layout.block, sink=layout.sink)

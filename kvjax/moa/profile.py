@@ -8,8 +8,9 @@ backward pass gives every entry. The attention below has a custom VJP that retur
 gradients and, as the cotangent of a zero "probe" input, `|E|` summed over `block x block`
 tiles, so the full `T x T` matrices never leave a layer.
 
-The model runs unchanged: `InfluenceLayerCache` and `MaskedLayerCache` are layer layouts
-(`write`/`attend`) over one whole sequence, passed as the model's cache.
+The model runs unchanged: `InfluenceLayout` and `MaskedLayout` are layouts over one whole
+sequence (`kvjax.layers.cache`), passed as the model's cache. Profiling needs one layout per
+layer: a model without cross-layer K/V sharing.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kvjax.decode.cache import KVCache, tree_nbytes
-from kvjax.layers.attention import NEG_INF, dot_product_attention
+from kvjax.cache.sequence import MaskedLayout
+from kvjax.layers.cache import Chunk, KVCache, Layout
+from kvjax.layers.dot_product import NEG_INF
 
 
 def _probs(q_BxTxKxGxD, k_BxSxKxD):
@@ -77,47 +79,18 @@ influence_attention.defvjp(_fwd, _bwd)
 
 
 @flax.struct.dataclass
-class InfluenceLayerCache:
-  """A whole sequence's K/V and the probe whose gradient is this layer's block influence."""
+class InfluenceLayout(Layout):
+  """Causal attention within the chunk (a whole sequence), whose probe's gradient is this
+  layer's block influence."""
 
-  k: jax.Array  # B x T x K x D
-  v: jax.Array
   probe: jax.Array  # B x H x T/block x T/block
   block: int = flax.struct.field(pytree_node=False)
 
-  @property
-  def nbytes(self) -> int:
-    return tree_nbytes(self)
+  def write(self, chunk: Chunk) -> InfluenceLayout:  # noqa: ARG002 (attention reads the chunk)
+    return self
 
-  def write(self, k_BxTxKxD, v_BxTxKxD, positions_BxT):
-    del positions_BxT  # the whole sequence, from position 0
-    return self.replace(k=k_BxTxKxD, v=v_BxTxKxD)
-
-  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto", kv=None):
-    del positions_BxT, impl, kv
-    return influence_attention(q_BxTxHxD, self.k, self.v, self.probe, self.block)
-
-
-@flax.struct.dataclass
-class MaskedLayerCache:
-  """A whole sequence's K/V attended under an explicit per-head mask (a traced array, so many
-  plans share one compilation)."""
-
-  k: jax.Array  # B x T x K x D
-  v: jax.Array
-  mask: jax.Array  # B x H x T x T
-
-  @property
-  def nbytes(self) -> int:
-    return tree_nbytes(self)
-
-  def write(self, k_BxTxKxD, v_BxTxKxD, positions_BxT):
-    del positions_BxT
-    return self.replace(k=k_BxTxKxD, v=v_BxTxKxD)
-
-  def attend(self, q_BxTxHxD, positions_BxT, impl: str = "auto", kv=None):
-    del positions_BxT, impl, kv
-    return dot_product_attention(q_BxTxHxD, self.k, self.v, self.mask)
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, InfluenceLayout]:
+    return influence_attention(q_BxTxHxD, chunk.k, chunk.v, self.probe, self.block), self
 
 
 def response_losses(model, params, tokens_BxT, weights_BxT, cache) -> jax.Array:
@@ -132,11 +105,6 @@ def response_losses(model, params, tokens_BxT, weights_BxT, cache) -> jax.Array:
   return jnp.sum(ce_BxT * w_BxT, axis=1) / jnp.maximum(jnp.sum(w_BxT, axis=1), 1.0)
 
 
-def _empty_kv(cfg, b: int, t: int):
-  shape = (b, t, cfg.num_kv_heads, cfg.head_dim_)
-  return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("model", "block"))
 def block_influence(model, params, tokens_BxT, weights_BxT, *, block: int) -> jax.Array:
   """`[L, B, H, T/block, T/block]`: block-summed |E| of each sequence's response loss."""
@@ -147,8 +115,8 @@ def block_influence(model, params, tokens_BxT, weights_BxT, *, block: int) -> ja
   m = t // block
 
   def loss(probes):
-    cache = KVCache(layers=tuple(InfluenceLayerCache(*_empty_kv(cfg, b, t), probes[i], block)
-                                 for i in range(cfg.num_layers)))
+    cache = KVCache(layers=tuple(InfluenceLayout(probes[i], block)
+                                 for i in range(cfg.num_layers)), max_len=t)
     # Sequences are independent, so the sum's gradient is each one's own.
     return jnp.sum(response_losses(model, params, tokens_BxT, weights_BxT, cache))
 
@@ -162,6 +130,6 @@ def masked_loss(model, params, tokens_BxT, weights_BxT, masks_LxHxTxT) -> jax.Ar
   b, t = tokens_BxT.shape
   masks_LxBxHxTxT = jnp.broadcast_to(masks_LxHxTxT[:, None], (cfg.num_layers, b)
                                      + masks_LxHxTxT.shape[1:])
-  cache = KVCache(layers=tuple(MaskedLayerCache(*_empty_kv(cfg, b, t), masks_LxBxHxTxT[i])
-                               for i in range(cfg.num_layers)))
+  cache = KVCache(layers=tuple(MaskedLayout(masks_LxBxHxTxT[i]) for i in range(cfg.num_layers)),
+                  max_len=t)
   return jnp.mean(response_losses(model, params, tokens_BxT, weights_BxT, cache))

@@ -10,22 +10,58 @@ projected from that context, and its attention never leaves the block: it reads
 R-1+j predicts x_j. As in every kvjax model, `logits[:, t]` predicts token t + 1.
 
 Generation keeps a cache over blocks for the block decoder and an R+L-1 slot cache for the token
-decoder that is rewritten from slot 0 every block (`kvjax.decode.block_cache`). `prefill` puts
-pad tokens before every prompt so that it ends at a block boundary, as the paper does; training
-puts 0..L-1 pad tokens before every document so that such prompts are in distribution.
+decoder that is rewritten from slot 0 every block (`BlockCache`, below). `prefill` puts pad
+tokens before every prompt so that it ends at a block boundary, as the paper does; training puts
+0..L-1 pad tokens before every document so that such prompts are in distribution.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
+from kvjax import registry
+from kvjax.cache.dense import stacked_cache
 from kvjax.config import ModelConfig
-from kvjax.decode.block_cache import BlockCache
+from kvjax.layers.cache import Cache, KVCache
 from kvjax.layers.norms import RMSNorm
 from kvjax.models.llama import Embedder, Transformer
+
+
+@flax.struct.dataclass
+class BlockCache(Cache):
+  """The two-level cache.
+
+  - `blocks`: the block decoder's cache over block positions: slot 0 holds the start embedding,
+    slot i + 1 block i. Per token it holds 1/L of an entry, and each block decoder step reads
+    1/L of the entries a token-level cache would. Eviction (`model.eviction`) compacts it.
+  - `local`: the token decoder's dense cache, R + L - 1 slots (R prefix vectors, then the tokens
+    of the current block before its last), independent of the sequence length. Every block
+    rewrites it from slot 0; the causal mask by slot hides what is left of the previous block.
+
+  Positions arrive in the prompt's own coordinates; `shift` (pad tokens put before each prompt
+  so that it ends at a block boundary) maps them onto blocks.
+  """
+
+  blocks: Cache  # block decoder, one slot per block position
+  local: Cache  # token decoder, R + L - 1 slots
+  block_tokens: jax.Array  # B x L int32, the current block's tokens so far
+  shift: jax.Array  # B int32, pad tokens before the prompt
+  lengths: jax.Array  # B int32, prompt lengths (for prefill)
+  max_len: int = flax.struct.field(pytree_node=False)  # positions (prompt + generated) it holds
+  block_len: int = flax.struct.field(pytree_node=False)
+
+  prefill_in_one_write = True  # the prompt is cut into blocks as a whole
+
+  def with_prompt_lengths(self, prompt_lengths_B: jax.Array) -> BlockCache:
+    return self.replace(lengths=prompt_lengths_B)
+
+  def finish_prefill(self, room: int, rng: jax.Array) -> BlockCache:
+    """`room` more tokens complete at most `room / L + 1` blocks."""
+    return self.replace(blocks=self.blocks.finish_prefill(-(-room // self.block_len) + 1, rng))
 
 
 def _arange(b: int, n: int, start=0) -> jax.Array:
@@ -50,6 +86,27 @@ class BlockTransformer(nn.Module):
   every prompt T tokens long) or decodes one token; `prefill` takes per-sequence prompt lengths."""
 
   cfg: ModelConfig
+
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> BlockCache:
+    """A fresh cache for `batch` sequences of up to `max_len` prompt and generated tokens."""
+    if max_len > cfg.max_seq_len:
+      raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    registry.validate(cfg)
+    block, token_cfg = cfg.block, cfg.decoder("token_decoder")
+    slots = token_cfg.max_seq_len
+    if token_cfg.scan_layers:
+      local = stacked_cache(token_cfg.num_kv_layers, batch, slots, token_cfg.num_kv_heads,
+                            token_cfg.head_dim_, jnp.dtype(token_cfg.cache_dtype),
+                            registry.attention_impl(token_cfg))
+    else:
+      local = KVCache(layers=registry.dense_layouts(token_cfg, batch, slots), max_len=slots)
+    return BlockCache(
+        blocks=Transformer.init_cache(cfg.decoder("block_decoder"), batch,
+                                      block.num_block_positions(max_len)),
+        local=local, block_tokens=jnp.full((batch, block.block_len), block.pad_id, jnp.int32),
+        shift=jnp.zeros((batch,), jnp.int32), lengths=jnp.full((batch,), max_len, jnp.int32),
+        max_len=max_len, block_len=block.block_len)
 
   def setup(self):
     cfg = self.cfg
@@ -142,10 +199,12 @@ class BlockTransformer(nn.Module):
     src_BxW = _arange(b, t + length - 1) - shift_B[:, None]
     padded_BxW = jnp.where(
         src_BxW >= 0, jnp.take_along_axis(tokens_BxT, jnp.clip(src_BxW, 0, t - 1), axis=1), pad)
-    logits_BxWxV, ctx_BxMxD, blocks = self.forward(padded_BxW, cache.blocks)
+    next_block_B = (lengths_B + shift_B) // length
+    # The block decoder's prompt: the start embedding and the prompt's complete blocks.
+    blocks = cache.blocks.with_prompt_lengths(next_block_B + 1)
+    logits_BxWxV, ctx_BxMxD, blocks = self.forward(padded_BxW, blocks)
     logits_BxTxV = jnp.take_along_axis(logits_BxWxV, _arange(b, t, shift_B[:, None])[..., None],
                                        axis=1)
-    next_block_B = (lengths_B + shift_B) // length
     ctx_BxD = jnp.take_along_axis(ctx_BxMxD, next_block_B[:, None, None], axis=1)[:, 0]
     _, local = self.start_block(ctx_BxD, cache.local)
     return logits_BxTxV, cache.replace(blocks=blocks, local=local, shift=shift_B,
@@ -180,13 +239,14 @@ class BlockTransformer(nn.Module):
     return logits_BxV[:, None], cache
 
   def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
-    """Without a cache the tokens start at position 0 and `positions` is not needed."""
+    """Without a cache the tokens start at position 0 and `positions` is not needed. With one,
+    several tokens are a prompt from position 0 (of the lengths the cache was told, else all
+    of them) and one token is a decode step."""
     if cache is None:
       return self.forward(tokens_BxT)[0]
     if tokens_BxT.shape[1] == 1:
       return self.step(tokens_BxT, positions, cache)
-    b, t = tokens_BxT.shape
-    return self.prefill(tokens_BxT, jnp.full((b,), t, jnp.int32), cache)
+    return self.prefill(tokens_BxT, jnp.minimum(cache.lengths, tokens_BxT.shape[1]), cache)
 
 
 # -------------------------------------------------------------------------------------------------

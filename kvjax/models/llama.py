@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvjax import registry
+from kvjax.cache.dense import stacked_cache
+from kvjax.cache.sequence import CausalLayout
 from kvjax.config import ModelConfig
 from kvjax.layers import kv_sharing
 from kvjax.layers.attention import Attention
+from kvjax.layers.cache import Cache, Chunk, KVCache, Layout
 from kvjax.layers.mlp import SwiGLU
 from kvjax.layers.norms import RMSNorm
 
@@ -18,40 +23,41 @@ from kvjax.layers.norms import RMSNorm
 class DecoderBlock(nn.Module):
   cfg: ModelConfig
   owns_kv: bool = True
-  layer: int = 0
+  kv_filter: Callable[..., nn.Module] | None = None
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None, cache=None):
+  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array, layout: Layout,
+               chunk: Chunk | None = None) -> tuple[jax.Array, Chunk, Layout]:
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                                 name=name)
-    h_BxTxD, kv, cache = Attention(cfg, self.owns_kv, self.layer, name="attn")(
-        norm("attn_norm")(x_BxTxD), positions_BxT, kv=kv, cache=cache)
-    x_BxTxD = x_BxTxD + h_BxTxD
-    x_BxTxD = x_BxTxD + SwiGLU(cfg.mlp_dim, cfg.init_std, jnp.dtype(cfg.dtype),
-                               jnp.dtype(cfg.param_dtype), name="mlp")(norm("mlp_norm")(x_BxTxD))
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    return x_BxTxD, kv, cache
+    h_BxTxE, chunk, layout = Attention(cfg, self.owns_kv, self.kv_filter, name="attn")(
+        norm("attn_norm")(x_BxTxE), positions_BxT, layout, chunk)
+    x_BxTxE = x_BxTxE + h_BxTxE
+    x_BxTxE = x_BxTxE + SwiGLU(cfg.mlp_dim, cfg.init_std, jnp.dtype(cfg.dtype),
+                               jnp.dtype(cfg.param_dtype), name="mlp")(norm("mlp_norm")(x_BxTxE))
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed"))
+    return x_BxTxE, chunk, layout
 
 
 class LayerGroup(nn.Module):
   """A producer and the consumers that read its K/V: the unit that `scan_layers` repeats.
 
-  Written as a scan body: `carry = (x_BxTxD, cache)`, with `cache` a `StackedKVCache` (or None)
-  of which this group uses buffer `group`.
+  Written as a scan body: `carry = (x_BxTxE, cache)`, with `cache` a `StackedKVCache` (or None:
+  causal attention within the sequence) of which this group uses buffer `group`.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, carry, positions_BxT, group):
-    x_BxTxD, cache = carry
-    layer_cache = None if cache is None else cache.layer(group)
-    kv = None
+    x_BxTxE, cache = carry
+    layout = CausalLayout() if cache is None else cache.layer(group)
+    chunk = None
     for j in range(self.cfg.scan_group_size):
-      x_BxTxD, kv, layer_cache = DecoderBlock(self.cfg, owns_kv=j == 0, name=f"layer_{j}")(
-          x_BxTxD, positions_BxT, kv, layer_cache)
-    return (x_BxTxD, None if cache is None else layer_cache.stack), None
+      x_BxTxE, chunk, layout = DecoderBlock(self.cfg, owns_kv=j == 0, name=f"layer_{j}")(
+          x_BxTxE, positions_BxT, layout, chunk)
+    return (x_BxTxE, None if cache is None else layout.stack), None
 
 
 class Embedder(nn.Module):
@@ -73,10 +79,10 @@ class Embedder(nn.Module):
   def encode(self, tokens_BxT):
     return self.table(tokens_BxT)
 
-  def decode(self, x_BxTxD):
+  def decode(self, x_BxTxE):
     if self.cfg.tie_embeddings:
-      return self.table.attend(x_BxTxD)
-    return self.head(x_BxTxD)
+      return self.table.attend(x_BxTxE)
+    return self.head(x_BxTxE)
 
 
 class Transformer(nn.Module):
@@ -84,10 +90,22 @@ class Transformer(nn.Module):
 
   `apply(params, tokens)` returns logits; `apply(params, tokens, positions=, cache=)` returns
   `(logits, cache)` for prefill and decode steps. Logits are float32. Layers share K/V as
-  `cfg.producer_of` says (cross-layer attention); the cache holds one buffer per producer.
+  `cfg.producer_of` says (cross-layer attention); the cache holds one layout per producer.
   """
 
   cfg: ModelConfig
+
+  @staticmethod
+  def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> Cache:
+    """A fresh cache for `batch` sequences of up to `max_len` positions (prompt and generated):
+    the layouts of `cfg`'s methods, or a stack of dense buffers for scanned layers."""
+    if max_len > cfg.max_seq_len:
+      raise ValueError(f"cache max_len={max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    registry.validate(cfg)
+    if cfg.scan_layers:
+      return stacked_cache(cfg.num_kv_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim_,
+                           jnp.dtype(cfg.cache_dtype), registry.attention_impl(cfg))
+    return KVCache(layers=registry.layouts(cfg, batch, max_len), max_len=max_len)
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
@@ -96,19 +114,20 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embedder = Embedder(cfg, name="embed")
-    x_BxTxD = embedder.encode(tokens_BxT)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    x_BxTxD, cache = self._blocks(x_BxTxD, positions, cache)
-    x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                      name="final_norm")(x_BxTxD)
-    logits_BxTxV = embedder.decode(x_BxTxD).astype(jnp.float32)
+    x_BxTxE = embedder.encode(tokens_BxT)
+    x_BxTxE = nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed"))
+    x_BxTxE, cache = self._blocks(x_BxTxE, positions, cache)
+    x_BxTxE = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                      name="final_norm")(x_BxTxE)
+    logits_BxTxV = embedder.decode(x_BxTxE).astype(jnp.float32)
     if cache is None:
       return logits_BxTxV
     return logits_BxTxV, cache
 
-  def _blocks(self, x_BxTxD, positions_BxT, cache):
+  def _blocks(self, x_BxTxE, positions_BxT, cache):
     """Runs the layers in order, so a producer's K/V exist before its consumers read them:
-    passed along in the forward pass, or through its cache buffer (written, then read)."""
+    passed along as the producer's chunk, and through its layout (written, then read). Without
+    a cache every layer attends through its method's whole-sequence layout."""
     cfg = self.cfg
     if cfg.scan_layers:
       groups = cfg.num_layers // cfg.scan_group_size
@@ -116,22 +135,22 @@ class Transformer(nn.Module):
       scan = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, 0), length=groups,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-      (x_BxTxD, cache), _ = scan(cfg, name="layers")(
-          (x_BxTxD, cache), positions_BxT, jnp.arange(groups, dtype=jnp.int32))
-      return x_BxTxD, cache
+      (x_BxTxE, cache), _ = scan(cfg, name="layers")(
+          (x_BxTxE, cache), positions_BxT, jnp.arange(groups, dtype=jnp.int32))
+      return x_BxTxE, cache
     producer_of = cfg.producer_of
     buffer_of = kv_sharing.buffer_of(producer_of)
-    buffers = None if cache is None else list(cache.layers)
-    kv_of = {}
+    layouts = list(registry.sequence_layouts(cfg) if cache is None else cache.layers)
+    kv_filter = registry.kv_filter(cfg)
     block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+    chunks = {}
     for i, p in enumerate(producer_of):
-      layer_cache = None if cache is None else buffers[buffer_of[i]]
-      x_BxTxD, kv, layer_cache = block(cfg, owns_kv=p == i, layer=i, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, kv_of.get(p), layer_cache)
-      kv_of[i] = kv
-      if cache is not None:
-        buffers[buffer_of[i]] = layer_cache
-    return x_BxTxD, None if cache is None else cache.replace(layers=tuple(buffers))
+      slot = i if cache is None else buffer_of[i]
+      x_BxTxE, chunks[i], layout = block(
+          cfg, owns_kv=p == i, kv_filter=kv_filter if p == i else None, name=f"layer_{i}")(
+              x_BxTxE, positions_BxT, layouts[slot].for_layer(i), chunks.get(p))
+      layouts[slot] = layout.for_layer(p)
+    return x_BxTxE, None if cache is None else cache.replace(layers=tuple(layouts))
 
 
 def stack_layers(params: dict, cfg: ModelConfig) -> dict:

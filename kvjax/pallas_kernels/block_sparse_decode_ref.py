@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.layers.attention import dot_product_attention
+from kvjax.layers.dot_product import dot_product_attention
 from kvjax.pallas_kernels.block_sparse_decode import flat_rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.layers.attention import dot_product_attention
+from kvjax.layers.dot_product import dot_product_attention
 
 
 def shared_kv_decode_ref(q_BxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.layers.attention import NEG_INF
+from kvjax.layers.dot_product import NEG_INF
 
 MIN_GROUP_ROWS = 16  # Triton dots need every dimension >= 16
 

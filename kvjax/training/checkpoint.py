@@ -1,4 +1,5 @@
-"""Checkpoints of a training run, and the config that says what they are.
+"""Checkpoints of a training run, the config that says what they are, and the base a run
+starts from.
 
 A workdir holds `config.yaml` (the resolved config) and `checkpoints/<step>/` written by an
 async orbax `CheckpointManager` (keep-N; a step appears only once fully written). Each step has
@@ -17,12 +18,13 @@ import jax
 import orbax.checkpoint as ocp
 import yaml
 
-from kvjax.config import Config, ConfigError
-from kvjax.io.errors import CheckpointError
+from kvjax.checks import load_config
+from kvjax.config import Config, ModelConfig, TrainConfig
+from kvjax.errors import CheckpointError, ConfigError
+from kvjax.io import load_weights
 from kvjax.models import build_model
-from kvjax.training.base import load_base, model_params
-from kvjax.training.lora import lora_scale
-from kvjax.training.state import TrainState, init_trained
+from kvjax.training.params import init_trained, lora_scale, model_params, without_added
+from kvjax.training.state import TrainState
 
 CONFIG_FILE = "config.yaml"
 
@@ -123,6 +125,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
   opt = restored.optimizer
   return TrainState(step=opt["step"], params=restored.params, opt_state=opt["opt_state"],
                     rng=opt["rng"])
+
+
+def load_base(model_cfg: ModelConfig, train_cfg: TrainConfig):
+  """The parameters a run starts from: a kvjax workdir's (`train.base`), a pretrained
+  checkpoint's (`model.weights`, without what the model's methods add), or None."""
+  if train_cfg.base:
+    config_file = Path(train_cfg.base) / CONFIG_FILE
+    if not config_file.is_file():
+      raise ConfigError(f"train.base: {train_cfg.base} holds no training run (no {CONFIG_FILE})")
+    return restore_params(train_cfg.base, load_config(config_file))
+  if model_cfg.weights:
+    return without_added(load_weights(model_cfg), model_cfg)
+  return None
 
 
 def restore_params(workdir: str | Path, cfg: Config):

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import optax
+from flax import traverse_util
 
 from kvjax.models import block_transformer
 

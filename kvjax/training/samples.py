@@ -5,9 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from kvjax.config import Config, ConfigError
+from kvjax.config import Config
 from kvjax.data.tokenizers import Tokenizer
 from kvjax.decode import SamplingConfig, generate, init_cache
+from kvjax.errors import ConfigError
 
 
 def sample_prompt_ids(cfg: Config, tokenizer: Tokenizer) -> np.ndarray:

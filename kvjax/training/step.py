@@ -12,10 +12,10 @@ from flax import traverse_util
 from kvjax import sharding
 from kvjax.config import MeshConfig, ModelConfig, TrainConfig
 from kvjax.models import build_model
-from kvjax.training.base import load_base, merge_params, model_params
-from kvjax.training.lora import lora_scale
+from kvjax.training.checkpoint import load_base
 from kvjax.training.loss import loss_fn_for
 from kvjax.training.optimizer import lr_schedule, make_optimizer
+from kvjax.training.params import lora_scale, merge_params, model_params
 from kvjax.training.state import TrainState, init_state
 
 

@@ -13,8 +13,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from kvjax.config import ConfigError
-from kvjax.io.errors import FetchError
+from kvjax.errors import ConfigError, FetchError
 
 CACHE_ENV = "KVJAX_CACHE"
 

@@ -1,0 +1,128 @@
+"""Compacted survivors: each (layer, K/V head) holds only the tokens kept for it, in one flat
+buffer (`kvjax.cache.flat`) where heads own row ranges of their own size.
+
+Head h's rows also carry `pos` (`[B, N]`, each row's token position). Within a head the kept
+tokens form a prefix in position order; `pos` marks the rest EMPTY. A token that was written but
+not kept stays in the row after the prefix with position `-(p + 1)`, visible to its own query
+only (a query always sees itself), until the next write.
+
+Lifecycle: `compact_layout` gives every head room for the whole request; prefill writes the
+prompt with the chunk's keep flags (an attention gate's, or a policy's at compaction);
+`finish_prefill(room, rng)` (host side, once the counts are known) cuts every head to what it kept
+plus `room` rows for decoded tokens. Decoded tokens are appended, or gated too (`gated_decode`,
+when the filter keeps its own state). Writing at position p first drops every row at position
+>= p, so right-padded prompts lose their pads to the first decoded token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.flat import FlatHeads
+from kvjax.layers.cache import Chunk, Layout
+
+EMPTY = 2**30  # position of an unused row: after every query
+PALLAS_BLOCK = 64  # rows per block of the block-sparse decode kernel; head sizes align to it
+
+
+def _visible(pos_BxS: jax.Array, q_pos_BxT: jax.Array) -> jax.Array:
+  """`[B, T, S]`: kept rows at or before the query, and the query's own row."""
+  q = q_pos_BxT[:, :, None]
+  pos = pos_BxS[:, None, :]
+  return ((pos >= 0) & (pos <= q)) | (pos == -(q + 1))
+
+
+@flax.struct.dataclass
+class CompactLayout(Layout):
+  k: jax.Array  # B x N x D, rotated keys
+  v: jax.Array  # B x N x D
+  pos: jax.Array  # B x N int32: position of each row; EMPTY, or -(p + 1) for an unkept own row
+  state: Any  # the K/V filter's own state (an attention gate's K/V), or None
+  heads: FlatHeads = flax.struct.field(pytree_node=False)
+  use_keep: bool = flax.struct.field(pytree_node=False)  # writes honour the chunk's keep flags
+  gated_decode: bool = flax.struct.field(pytree_node=False)  # they still do after prefill
+  align: int = flax.struct.field(pytree_node=False)  # head sizes are multiples of this
+  impl: str = flax.struct.field(pytree_node=False)
+
+  def kept_counts(self) -> np.ndarray:
+    """`[B, K]` kept tokens per sequence and head (host side)."""
+    return np.asarray(jax.device_get(self.heads.count((self.pos >= 0) & (self.pos < EMPTY))))
+
+  @property
+  def filter_state(self) -> Any:
+    return self.state
+
+  def with_filter_state(self, state: Any) -> CompactLayout:
+    return self.replace(state=state)
+
+  def write(self, chunk: Chunk) -> CompactLayout:
+    """Writes a chunk of consecutive positions after each head's kept rows before them: kept
+    tokens first (in order), then the unkept ones, which only their own queries see. Without
+    keep flags (or once prefill is over, unless decode is gated) every token is kept."""
+    heads, positions_BxT = self.heads, chunk.positions
+    b, t, num_heads, _ = chunk.k.shape
+    start_BxK = heads.count((self.pos >= 0) & (self.pos < positions_BxT[:, :1]))
+    if self.use_keep and chunk.keep is not None:
+      keep_BxTxK = chunk.keep > 0.5
+    else:
+      keep_BxTxK = jnp.ones((b, t, num_heads), bool)
+    n_kept_Bx1xK = keep_BxTxK.sum(axis=1, keepdims=True)
+    rank_BxTxK = jnp.where(keep_BxTxK, jnp.cumsum(keep_BxTxK, axis=1) - 1,
+                           n_kept_Bx1xK + jnp.cumsum(~keep_BxTxK, axis=1) - 1)
+    slot_BxTxK = start_BxK[:, None, :] + rank_BxTxK
+    row_BxTxK = jnp.where(slot_BxTxK < jnp.asarray(heads.sizes), heads.offsets[:-1] + slot_BxTxK,
+                          heads.num_rows)  # past a head's rows: dropped, not spilled
+    head_N = np.repeat(np.arange(num_heads), heads.sizes)
+    slot_N = np.arange(heads.num_rows) - heads.offsets[head_N]
+    p_BxTxK = jnp.broadcast_to(positions_BxT[:, :, None], keep_BxTxK.shape)
+    pos = jnp.where(slot_N >= start_BxK[:, head_N], EMPTY, self.pos)
+    pos = heads.put(pos, row_BxTxK, jnp.where(keep_BxTxK, p_BxTxK, -(p_BxTxK + 1)))
+    return self.replace(k=heads.put(self.k, row_BxTxK, chunk.k),
+                        v=heads.put(self.v, row_BxTxK, chunk.v), pos=pos)
+
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CompactLayout]:
+    """Each head's visible rows (the chunk was written here, its unkept tokens included); with
+    one query per sequence they are a prefix of the head's rows, which the kernel reads."""
+    positions_BxT = chunk.positions
+    if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
+      num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT)[:, 0])
+      return self.heads.decode(q_BxTxHxD, self.k, self.v, num_tokens_BxK, PALLAS_BLOCK), self
+    mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT)
+    return self.heads.attend(q_BxTxHxD, self.k, self.v, mask_of), self
+
+  def finish_prefill(self, room: int, rng: jax.Array) -> CompactLayout:  # noqa: ARG002
+    """Every head cut to the most any sequence kept plus `room` rows (host side); the filter's
+    state goes unless decoded tokens are gated too."""
+    counts = self.kept_counts().max(axis=0)
+    sizes = tuple(int(-(-(c + room) // self.align) * self.align) for c in counts)
+
+    def cut(buf, fill):
+      parts = []
+      for h, size in enumerate(sizes):
+        part = buf[:, self.heads.rows(h)][:, :size]
+        pad = [(0, 0), (0, size - part.shape[1])] + [(0, 0)] * (buf.ndim - 2)
+        parts.append(jnp.pad(part, pad, constant_values=fill))
+      return jnp.concatenate(parts, axis=1)
+
+    return self.replace(k=cut(self.k, 0), v=cut(self.v, 0), pos=cut(self.pos, EMPTY),
+                        state=self.state if self.gated_decode else None,
+                        heads=FlatHeads(sizes), use_keep=self.gated_decode)
+
+
+def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, *,
+                   impl: str = "xla", state: Any = None, gated_decode: bool = False
+                   ) -> CompactLayout:
+  """Every head with room for `max_len` tokens: what prefill needs before the choice is made;
+  `finish_prefill` shrinks it."""
+  align = PALLAS_BLOCK if impl == "pallas" else 1
+  size = -(-max_len // align) * align
+  heads = FlatHeads((size,) * num_kv_heads)
+  return CompactLayout(k=heads.zeros(batch, head_dim, dtype), v=heads.zeros(batch, head_dim, dtype),
+                       pos=jnp.full((batch, heads.num_rows), EMPTY, jnp.int32), state=state,
+                       heads=heads, use_keep=True, gated_decode=gated_decode, align=align,
+                       impl=impl)

@@ -1,0 +1,114 @@
+"""Dense cache layout: a `[B, S, K, D]` K/V buffer pair per layer that owns K/V.
+
+Slot s holds the token at position s, so the causal mask is just `slot <= query position`.
+Prompts of different lengths are right-padded: a pad token's slot is overwritten by the
+first generated token of that sequence before any query can see it.
+
+With scanned layers (`model.scan_layers`) the producers' buffers are one `[G, B, S, K, D]`
+stack that the scan carries: group g writes its new rows in place at index g, so a decode step
+moves only those rows instead of slicing out and restacking the whole cache.
+
+This module is a leaf among the layouts: it imports no other cache kind.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from kvjax.layers.cache import Cache, Chunk, Layout
+from kvjax.layers.dot_product import causal_mask, dot_product_attention
+from kvjax.pallas_kernels.shared_kv_decode import shared_kv_decode
+
+
+def _write_rows(buf_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) -> jax.Array:
+  def one(buf, new, start):
+    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
+  return jax.vmap(one)(buf_BxSxKxD, new_BxTxKxD, start_B)
+
+
+def dense_attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+                 positions_BxT: jax.Array, impl: str) -> jax.Array:
+  """Queries at `positions_BxT` over slots `<= position`: the Pallas kernel for one query per
+  sequence under `impl="pallas"`, the jnp reference otherwise."""
+  if q_BxTxHxD.shape[1] == 1 and impl == "pallas":
+    return shared_kv_decode(q_BxTxHxD[:, 0], k_BxSxKxD, v_BxSxKxD, positions_BxT[:, 0] + 1)[:, None]
+  b, s = k_BxSxKxD.shape[:2]
+  slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+                               causal_mask(positions_BxT, slots_BxS))
+
+
+@flax.struct.dataclass
+class DenseLayout(Layout):
+  k: jax.Array  # B x S x K x D, rotated keys
+  v: jax.Array  # B x S x K x D
+  impl: str = flax.struct.field(pytree_node=False, default="xla")  # xla | pallas
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[1]
+
+  def write(self, chunk: Chunk) -> DenseLayout:
+    """Stores a chunk of consecutive positions per sequence (prefill or one decode step)."""
+    start_B = chunk.positions[:, 0]
+    return self.replace(k=_write_rows(self.k, chunk.k, start_B),
+                        v=_write_rows(self.v, chunk.v, start_B))
+
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, DenseLayout]:
+    return dense_attend(q_BxTxHxD, self.k, self.v, chunk.positions, self.impl), self
+
+
+def dense_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype,
+                 impl: str = "xla") -> DenseLayout:
+  """A zeroed `[B, S, K, D]` layout."""
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return DenseLayout(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), impl=impl)
+
+
+@flax.struct.dataclass
+class StackedKVCache(Cache):
+  """Every producer's dense buffers stacked on a leading axis, for scanned layers."""
+
+  k: jax.Array  # G x B x S x K x D, rotated keys
+  v: jax.Array  # G x B x S x K x D
+  impl: str = flax.struct.field(pytree_node=False, default="xla")
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def layer(self, index: jax.Array) -> StackedLayout:
+    """Group `index`'s buffer (a traced index: the scan's step)."""
+    return StackedLayout(stack=self, index=index)
+
+
+@flax.struct.dataclass
+class StackedLayout(Layout):
+  """Buffer `index` of a stack as one layer's layout; `stack` is the updated whole."""
+
+  stack: StackedKVCache
+  index: jax.Array  # int32 scalar, the group's place in the scan
+
+  def write(self, chunk: Chunk) -> StackedLayout:
+    """One scatter into buffer `index` of the stack (a vmap over its batch axis would transpose
+    the whole stack)."""
+    b, t = chunk.k.shape[:2]
+    slots_BxT = chunk.positions[:, :1] + jnp.arange(t, dtype=chunk.positions.dtype)
+    put = lambda buf, new: buf.at[self.index, jnp.arange(b)[:, None], slots_BxT].set(
+        new.astype(buf.dtype), mode="drop")
+    return self.replace(stack=self.stack.replace(k=put(self.stack.k, chunk.k),
+                                                 v=put(self.stack.v, chunk.v)))
+
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, StackedLayout]:
+    take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.index, keepdims=False)
+    out = dense_attend(q_BxTxHxD, take(self.stack.k), take(self.stack.v), chunk.positions,
+                       self.stack.impl)
+    return out, self
+
+
+def stacked_cache(groups: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype,
+                  impl: str = "xla") -> StackedKVCache:
+  shape = (groups, batch, max_len, num_kv_heads, head_dim)
+  return StackedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), impl=impl)

@@ -1,0 +1,73 @@
+"""One flat K/V buffer whose KV heads own row ranges of different sizes (no padding to the
+largest): what MoA's ring buffers and the compacted survivors of eviction both store.
+
+Head h owns rows `[offsets[h], offsets[h + 1])` of a layer's `[B, N, D]` buffers. Its attention
+reads only its own rows, under a mask its layout computes; the block-sparse Pallas kernel reads
+each head's first rows through block tables built from the same offsets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import cached_property
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.layers.dot_product import dot_product_attention
+from kvjax.pallas_kernels.block_sparse_decode import block_sparse_decode, range_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatHeads:
+  """The row ranges of K KV heads in a flat buffer (static: part of a layout's pytree metadata)."""
+
+  sizes: tuple[int, ...]  # rows per KV head
+
+  @cached_property
+  def offsets(self) -> np.ndarray:
+    """`[K + 1]` int32: head h's rows start at offsets[h]; offsets[K] is N."""
+    return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int32)
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.offsets[-1])
+
+  def rows(self, h: int) -> slice:
+    return slice(int(self.offsets[h]), int(self.offsets[h + 1]))
+
+  def zeros(self, batch: int, head_dim: int, dtype) -> jax.Array:
+    return jnp.zeros((batch, self.num_rows, head_dim), dtype)
+
+  def put(self, buf_BxNx_: jax.Array, rows_BxTxK: jax.Array, new_BxTxKx_: jax.Array) -> jax.Array:
+    """Scatters each (sequence, token, head)'s entry to its row; rows >= N are dropped."""
+    b_Bx1x1 = jnp.arange(buf_BxNx_.shape[0])[:, None, None]
+    return buf_BxNx_.at[b_Bx1x1, rows_BxTxK].set(new_BxTxKx_.astype(buf_BxNx_.dtype), mode="drop")
+
+  def count(self, flags_BxN: jax.Array) -> jax.Array:
+    """`[B, K]` int32: per head, the rows whose flag is set."""
+    return jnp.stack([flags_BxN[:, self.rows(h)].sum(axis=1) for h in range(len(self.sizes))],
+                     axis=1).astype(jnp.int32)
+
+  def attend(self, q_BxTxHxD: jax.Array, k_BxNxD: jax.Array, v_BxNxD: jax.Array,
+             mask_of: Callable[[int, slice], jax.Array]) -> jax.Array:
+    """Head h's queries over head h's rows under `mask_of(h, rows)`: `[B, T, S_h]` for the
+    head's whole query group, or `[B, G, T, S_h]` per query head."""
+    g = q_BxTxHxD.shape[2] // len(self.sizes)
+    outs = []
+    for h in range(len(self.sizes)):
+      rows = self.rows(h)
+      outs.append(dot_product_attention(q_BxTxHxD[:, :, h * g:(h + 1) * g], k_BxNxD[:, rows, None],
+                                        v_BxNxD[:, rows, None], mask_of(h, rows)))
+    return jnp.concatenate(outs, axis=2)
+
+  def decode(self, q_Bx1xHxD: jax.Array, k_BxNxD: jax.Array, v_BxNxD: jax.Array,
+             num_tokens_BxK: jax.Array, block: int) -> jax.Array:
+    """The kernel for one query per sequence over each head's first `num_tokens` rows (head
+    sizes and offsets are whole blocks)."""
+    first_BxK = jnp.broadcast_to(jnp.asarray(self.offsets[:-1] // block), num_tokens_BxK.shape)
+    tables_BxKxM = range_tables(first_BxK, max(self.sizes) // block)
+    return block_sparse_decode(q_Bx1xHxD[:, 0], k_BxNxD, v_BxNxD, tables_BxKxM, num_tokens_BxK,
+                               block_size=block)[:, None]

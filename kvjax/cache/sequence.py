@@ -1,0 +1,50 @@
+"""Full-sequence layouts: attention within the chunk it is given, storing nothing. Training and
+scoring pass one per layer (a model called without a cache); they are the masked references the
+caches are tested against.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from kvjax.layers.cache import Chunk, Layout
+from kvjax.layers.dot_product import causal_mask, dot_product_attention
+
+
+def visible_weights(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
+                    k_pos_BxS: jax.Array) -> jax.Array:
+  """`[B, K, T, S]` weights for `dot_product_attention`: key s counts for query t iff it is kept
+  or is the query's own token (a filter cannot hide a token from itself); keep's gradient passes
+  through."""
+  self_BxTxS = k_pos_BxS[:, None, :] == q_pos_BxT[:, :, None]
+  return jnp.where(self_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
+
+
+@flax.struct.dataclass
+class CausalLayout(Layout):
+  """Causal attention within the chunk; a K/V filter's keep flags hide the tokens it drops."""
+
+  def write(self, chunk: Chunk) -> CausalLayout:  # noqa: ARG002 (attention reads the chunk)
+    return self
+
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CausalLayout]:
+    pos_BxT = chunk.positions
+    weights = None if chunk.keep is None else visible_weights(chunk.keep, pos_BxT, pos_BxT)
+    return dot_product_attention(q_BxTxHxD, chunk.k, chunk.v, causal_mask(pos_BxT, pos_BxT),
+                                 weights), self
+
+
+@flax.struct.dataclass
+class MaskedLayout(Layout):
+  """Attention within the chunk under an explicit mask: `[B, T, T]`, or per head `[B, K or H,
+  T, T]` (a traced array, so many masks share one compilation)."""
+
+  mask: jax.Array
+
+  def write(self, chunk: Chunk) -> MaskedLayout:  # noqa: ARG002 (attention reads the chunk)
+    return self
+
+  def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, MaskedLayout]:
+    return dot_product_attention(q_BxTxHxD, chunk.k, chunk.v, self.mask), self

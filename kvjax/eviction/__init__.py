@@ -1,0 +1,2 @@
+"""Score-based K/V eviction (`model.eviction`): policies (`policies`) and the prefill layout
+that scores keys and compacts them (`layout`)."""

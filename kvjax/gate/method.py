@@ -1,0 +1,34 @@
+"""Attention-Gate's registry entry: `model.attention_gate.enable` gives every K/V-producing
+attention layer a gate as its K/V filter; the cache holds the compacted survivors, and the gate's
+own K/V while the prompt goes in (and after, when decoded tokens are gated too)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from kvjax.cache.compact import CompactLayout, compact_layout
+from kvjax.cache.dense import dense_layout
+from kvjax.config import ModelConfig
+from kvjax.gate.layer import AttentionGate
+from kvjax.method import TOKENS, Method
+
+
+def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str) -> tuple[CompactLayout, ...]:
+  g, dtype = cfg.attention_gate, jnp.dtype(cfg.cache_dtype)
+  return tuple(compact_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, dtype, impl=impl,
+                              state=dense_layout(batch, max_len, g.num_heads, g.head_dim, dtype),
+                              gated_decode=g.gate_decode)
+               for _ in range(cfg.num_kv_layers))
+
+
+METHOD = Method(
+    name="attention_gate", section="attention_gate", key="model.attention_gate.enable",
+    role=TOKENS,
+    active=lambda cfg: cfg.attention_gate.enable, tag=lambda cfg: "gate",
+    models_why="its gates are trained in a Llama model's attention layers",
+    scan_why="its compacted caches differ from layer to layer, so they cannot be stacked "
+             "(unroll the layers)",
+    shards_kv_heads=False, param_scope=("attn", "filter"), layouts=_layouts,
+    kv_filter=lambda cfg: functools.partial(AttentionGate, cfg))

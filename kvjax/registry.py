@@ -1,0 +1,115 @@
+"""The method registry: the one table of KV-cache methods, and every decision that depends on
+which of them a config turns on.
+
+Adding a method is its own module(s) and one entry in `METHODS` (see `kvjax.method`). Which
+methods combine follows from their declared capabilities: one method per role, the model kinds
+each supports, and whether it can run with scanned layers; any other combination is one
+`ConfigError` naming both keys and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache.dense import DenseLayout, dense_layout
+from kvjax.cache.sequence import CausalLayout
+from kvjax.config import ModelConfig
+from kvjax.errors import ConfigError
+from kvjax.eviction.method import METHOD as EVICTION
+from kvjax.gate.method import METHOD as ATTENTION_GATE
+from kvjax.layers.cache import Layout
+from kvjax.layers.kv_sharing import METHOD as CLA
+from kvjax.method import Method
+from kvjax.moa.method import METHOD as MOA
+
+METHODS: tuple[Method, ...] = (CLA, MOA, ATTENTION_GATE, EVICTION)
+
+
+def active(cfg: ModelConfig) -> tuple[Method, ...]:
+  """The methods `cfg` turns on, in table order."""
+  return tuple(m for m in METHODS if m.active(cfg))
+
+
+def validate(cfg: ModelConfig) -> None:
+  """Raises ConfigError unless every active method supports the model and the others."""
+  methods = active(cfg)
+  for i, m in enumerate(methods):
+    for other in methods[:i]:
+      if other.role == m.role:
+        raise ConfigError(f"{m.key}: cannot be combined with {other.key}: both decide "
+                          f"{m.role} (choose one)")
+    if cfg.kind not in m.models:
+      raise ConfigError(f"{m.key}: needs model.kind {' or '.join(repr(k) for k in m.models)}, "
+                        f"got {cfg.kind!r}: {m.models_why}")
+    if cfg.scan_layers and not m.scan:
+      raise ConfigError(f"model.scan_layers: cannot be combined with {m.key}: {m.scan_why}")
+    m.check(cfg)
+
+
+def method_tag(cfg: ModelConfig) -> str:
+  """What the cache is, in decode.py's report: model kind, attention sharing, methods."""
+  if cfg.num_kv_heads == cfg.num_heads:
+    heads = "mha"
+  else:
+    heads = "mqa" if cfg.num_kv_heads == 1 else f"gqa{cfg.num_heads // cfg.num_kv_heads}"
+  return "/".join([cfg.kind, heads, *(m.tag(cfg) for m in active(cfg))])
+
+
+def settings(cfg: ModelConfig) -> dict[str, dict]:
+  """The config sections of the active methods, by method name (what a report records)."""
+  return {m.name: dataclasses.asdict(getattr(cfg, m.section)) for m in active(cfg)}
+
+
+def shards_kv_heads(cfg: ModelConfig) -> bool:
+  """Whether the cache splits over K/V heads on a mesh (else over the batch only)."""
+  return all(m.shards_kv_heads for m in active(cfg))
+
+
+def is_added_param(cfg: ModelConfig, path: tuple[str, ...]) -> bool:
+  """Whether a parameter path (flattened dict keys) belongs to what an active method adds to a
+  base model (a base checkpoint does not hold it)."""
+  for m in active(cfg):
+    n = len(m.param_scope)
+    if n and any(path[i:i + n] == m.param_scope for i in range(len(path) - n + 1)):
+      return True
+  return False
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+  """`model.attention_impl` resolved: `auto` is the Pallas kernels on GPU/TPU, else `xla`."""
+  if cfg.attention_impl == "auto":
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return cfg.attention_impl
+
+
+def dense_layouts(cfg: ModelConfig, batch: int, max_len: int,
+                  impl: str | None = None) -> tuple[DenseLayout, ...]:
+  """One dense layout per K/V-producing layer (`impl` defaults to `cfg`'s)."""
+  impl = impl or attention_impl(cfg)
+  return tuple(dense_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_,
+                           jnp.dtype(cfg.cache_dtype), impl)
+               for _ in range(cfg.num_kv_layers))
+
+
+def layouts(cfg: ModelConfig, batch: int, max_len: int) -> tuple[Layout, ...]:
+  """The cache's layouts, one per K/V-producing layer: the active method's, or dense."""
+  make = next((m.layouts for m in active(cfg) if m.layouts), dense_layouts)
+  return make(cfg, batch, max_len, attention_impl(cfg))
+
+
+def sequence_layouts(cfg: ModelConfig) -> tuple[Layout, ...]:
+  """Per layer, the layout of a whole sequence (training, scoring): the active method's, or
+  causal attention within the sequence."""
+  make = next((m.sequence_layouts for m in active(cfg) if m.sequence_layouts), None)
+  return (CausalLayout(),) * cfg.num_layers if make is None else make(cfg)
+
+
+def kv_filter(cfg: ModelConfig) -> Callable[..., nn.Module] | None:
+  """The K/V filter submodule factory of the active method that has one."""
+  make = next((m.kv_filter for m in active(cfg) if m.kv_filter), None)
+  return None if make is None else make(cfg)
