@@ -5,7 +5,7 @@ A method is its own module(s) and one registry entry. The entry names its config
 when it is on, what it can be combined with (capabilities), how it checks a config beyond its own
 section, its tag in decode.py's report, the parameters it adds to a base model, and the pieces it
 plugs into the model and the cache: the layouts of its cache, its layouts for whole sequences
-(training, scoring), and a K/V filter for the attention layer.
+(training, scoring), a K/V filter for the attention layer, and how cache entries are stored.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kvjax.config import ModelConfig
 if TYPE_CHECKING:  # types only: the layouts are built by the methods' own modules
   import flax.linen as nn
 
+  from kvjax.cache.storage import Storage
   from kvjax.layers.cache import Layout
 
 # Roles: at most one active method per role (two ways of choosing the kept tokens do not stack).
@@ -46,9 +47,11 @@ class Method:
   shards_kv_heads: bool = True  # its cache splits over K/V heads on a mesh (else batch only)
   check: Callable[[ModelConfig], None] = _nothing  # e.g. reads and checks a file it names
   param_scope: tuple[str, ...] = ()  # e.g. ("attn", "filter"): parameters it adds to a layer
-  # (cfg, batch, max_len, impl) -> one cache layout per K/V-producing layer.
-  layouts: Callable[[ModelConfig, int, int, str], tuple[Layout, ...]] | None = None
+  # (cfg, batch, max_len, impl, storage) -> one cache layout per K/V-producing layer.
+  layouts: Callable[[ModelConfig, int, int, str, Storage], tuple[Layout, ...]] | None = None
   # cfg -> one whole-sequence layout per layer (training and scoring).
   sequence_layouts: Callable[[ModelConfig], tuple[Layout, ...]] | None = None
   # cfg -> the factory of the attention layer's K/V filter submodule.
   kv_filter: Callable[[ModelConfig], Callable[..., nn.Module]] | None = None
+  # cfg -> how every layout stores an entry (a method of the ENTRIES role).
+  storage: Callable[[ModelConfig], Storage] | None = None

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.sequence import CausalLayout
+from kvjax.cache.storage import PlainStorage, Storage
 from kvjax.config import ModelConfig
 from kvjax.errors import ConfigError
 from kvjax.eviction.method import METHOD as EVICTION
@@ -87,19 +87,24 @@ def attention_impl(cfg: ModelConfig) -> str:
   return cfg.attention_impl
 
 
-def dense_layouts(cfg: ModelConfig, batch: int, max_len: int,
-                  impl: str | None = None) -> tuple[DenseLayout, ...]:
-  """One dense layout per K/V-producing layer (`impl` defaults to `cfg`'s)."""
-  impl = impl or attention_impl(cfg)
-  return tuple(dense_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_,
-                           jnp.dtype(cfg.cache_dtype), impl)
+def storage(cfg: ModelConfig) -> Storage:
+  """How the cache stores an entry: the active method's way, or `model.cache_dtype` values."""
+  make = next((m.storage for m in active(cfg) if m.storage), None)
+  return PlainStorage(cfg.cache_dtype) if make is None else make(cfg)
+
+
+def dense_layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str | None = None,
+                  entries: Storage | None = None) -> tuple[DenseLayout, ...]:
+  """One dense layout per K/V-producing layer (`impl` and `entries` default to `cfg`'s)."""
+  impl, entries = impl or attention_impl(cfg), entries or storage(cfg)
+  return tuple(dense_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, entries, impl)
                for _ in range(cfg.num_kv_layers))
 
 
 def layouts(cfg: ModelConfig, batch: int, max_len: int) -> tuple[Layout, ...]:
   """The cache's layouts, one per K/V-producing layer: the active method's, or dense."""
   make = next((m.layouts for m in active(cfg) if m.layouts), dense_layouts)
-  return make(cfg, batch, max_len, attention_impl(cfg))
+  return make(cfg, batch, max_len, attention_impl(cfg), storage(cfg))
 
 
 def sequence_layouts(cfg: ModelConfig) -> tuple[Layout, ...]:

@@ -12,6 +12,7 @@ from flax import traverse_util
 
 import kvjax
 from kvjax.cache.compact import EMPTY, compact_layout
+from kvjax.cache.storage import PlainStorage
 from kvjax.decode import init_cache
 from kvjax.errors import ConfigError
 from kvjax.eviction.policies import (POLICIES, attention_probs, keep_counts, keep_top, key_scores,
@@ -211,7 +212,7 @@ def test_compacted_attention_equals_dense_attention_under_the_keep_mask():
   k, v = (jax.random.normal(jax.random.key(i), (b, s, kh, cfg.head_dim_)) for i in (1, 2))
   keep = jax.random.bernoulli(jax.random.key(3), 0.4, (b, s, kh))
   pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-  layer = compact_layout(b, s, kh, cfg.head_dim_, jnp.float32).write(Chunk(k, v, pos, keep))
+  layer = compact_layout(b, s, kh, cfg.head_dim_, PlainStorage()).write(Chunk(k, v, pos, keep))
   q = jax.random.normal(jax.random.key(4), (b, 5, cfg.num_heads, cfg.head_dim_))
   q_pos = pos[:, [0, 7, 8, 20, 29]]
   causal_BxTxS = causal_mask(q_pos, pos)

@@ -10,6 +10,7 @@ import pytest
 
 import kvjax
 from kvjax.cache.dense import DenseLayout
+from kvjax.cache.storage import PlainStorage
 from kvjax.decode import generate, init_cache
 from kvjax.layers.cache import KVCache
 from kvjax.layers.dot_product import dot_product_attention
@@ -67,7 +68,8 @@ def reference_cache(cfg, plan, batch, n, prompt_len):
     spans = [np.floor(a + b * n) for a, b in zip(alphas, betas)]
     sizes = [int(-(-max(min(s, n), 2 * block) // block) * block) for s in spans]
     layers.append(MaskedFullCache(
-        jnp.zeros(shape), jnp.zeros(shape), num_local=tuple(-(-(s - sink) // block) for s in sizes),
+        jnp.zeros(shape), jnp.zeros(shape), PlainStorage(), "xla",
+        num_local=tuple(-(-(s - sink) // block) for s in sizes),
         windows=tuple(s - sink for s in sizes), block=block, sink=sink, prompt_len=prompt_len))
   return KVCache(layers=tuple(layers), max_len=n)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.flat import FlatHeads
+from kvjax.cache.storage import Storage
 from kvjax.layers.cache import Chunk, Layout
 
 EMPTY = 2**30  # position of an unused row: after every query
@@ -39,11 +40,12 @@ def _visible(pos_BxS: jax.Array, q_pos_BxT: jax.Array) -> jax.Array:
 
 @flax.struct.dataclass
 class CompactLayout(Layout):
-  k: jax.Array  # B x N x D, rotated keys
-  v: jax.Array  # B x N x D
+  k: Any  # B x N x D rotated keys, as `storage` holds them
+  v: Any  # B x N x D
   pos: jax.Array  # B x N int32: position of each row; EMPTY, or -(p + 1) for an unkept own row
   state: Any  # the K/V filter's own state (an attention gate's K/V), or None
   heads: FlatHeads = flax.struct.field(pytree_node=False)
+  storage: Storage = flax.struct.field(pytree_node=False)
   use_keep: bool = flax.struct.field(pytree_node=False)  # writes honour the chunk's keep flags
   gated_decode: bool = flax.struct.field(pytree_node=False)  # they still do after prefill
   align: int = flax.struct.field(pytree_node=False)  # head sizes are multiples of this
@@ -81,19 +83,21 @@ class CompactLayout(Layout):
     slot_N = np.arange(heads.num_rows) - heads.offsets[head_N]
     p_BxTxK = jnp.broadcast_to(positions_BxT[:, :, None], keep_BxTxK.shape)
     pos = jnp.where(slot_N >= start_BxK[:, head_N], EMPTY, self.pos)
-    pos = heads.put(pos, row_BxTxK, jnp.where(keep_BxTxK, p_BxTxK, -(p_BxTxK + 1)))
-    return self.replace(k=heads.put(self.k, row_BxTxK, chunk.k),
-                        v=heads.put(self.v, row_BxTxK, chunk.v), pos=pos)
+    at = heads.at(row_BxTxK)
+    pos = pos.at[at].set(jnp.where(keep_BxTxK, p_BxTxK, -(p_BxTxK + 1)), mode="drop")
+    return self.replace(k=self.storage.put(self.k, at, chunk.k),
+                        v=self.storage.put(self.v, at, chunk.v), pos=pos)
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CompactLayout]:
     """Each head's visible rows (the chunk was written here, its unkept tokens included); with
     one query per sequence they are a prefix of the head's rows, which the kernel reads."""
     positions_BxT = chunk.positions
+    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
       num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT)[:, 0])
-      return self.heads.decode(q_BxTxHxD, self.k, self.v, num_tokens_BxK, PALLAS_BLOCK), self
+      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, PALLAS_BLOCK), self
     mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT)
-    return self.heads.attend(q_BxTxHxD, self.k, self.v, mask_of), self
+    return self.heads.attend(q_BxTxHxD, k_BxNxD, v_BxNxD, mask_of), self
 
   def finish_prefill(self, room: int, rng: jax.Array) -> CompactLayout:  # noqa: ARG002
     """Every head cut to the most any sequence kept plus `room` rows (host side); the filter's
@@ -109,20 +113,22 @@ class CompactLayout(Layout):
         parts.append(jnp.pad(part, pad, constant_values=fill))
       return jnp.concatenate(parts, axis=1)
 
-    return self.replace(k=cut(self.k, 0), v=cut(self.v, 0), pos=cut(self.pos, EMPTY),
+    rows = lambda buf: jax.tree.map(lambda x: cut(x, 0), buf)
+    return self.replace(k=rows(self.k), v=rows(self.v), pos=cut(self.pos, EMPTY),
                         state=self.state if self.gated_decode else None,
                         heads=FlatHeads(sizes), use_keep=self.gated_decode)
 
 
-def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, *,
-                   impl: str = "xla", state: Any = None, gated_decode: bool = False
+def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
+                   *, impl: str = "xla", state: Any = None, gated_decode: bool = False
                    ) -> CompactLayout:
   """Every head with room for `max_len` tokens: what prefill needs before the choice is made;
   `finish_prefill` shrinks it."""
   align = PALLAS_BLOCK if impl == "pallas" else 1
   size = -(-max_len // align) * align
   heads = FlatHeads((size,) * num_kv_heads)
-  return CompactLayout(k=heads.zeros(batch, head_dim, dtype), v=heads.zeros(batch, head_dim, dtype),
+  return CompactLayout(k=heads.zeros(batch, head_dim, storage),
+                       v=heads.zeros(batch, head_dim, storage),
                        pos=jnp.full((batch, heads.num_rows), EMPTY, jnp.int32), state=state,
-                       heads=heads, use_keep=True, gated_decode=gated_decode, align=align,
-                       impl=impl)
+                       heads=heads, storage=storage, use_keep=True, gated_decode=gated_decode,
+                       align=align, impl=impl)

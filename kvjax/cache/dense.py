@@ -13,19 +13,23 @@ This module is a leaf among the layouts: it imports no other cache kind.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.storage import Storage
 from kvjax.layers.cache import Cache, Chunk, Layout
 from kvjax.layers.dot_product import causal_mask, dot_product_attention
 from kvjax.pallas_kernels.shared_kv_decode import shared_kv_decode
 
 
-def _write_rows(buf_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array) -> jax.Array:
-  def one(buf, new, start):
-    return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (start, 0, 0))
-  return jax.vmap(one)(buf_BxSxKxD, new_BxTxKxD, start_B)
+def _slots(chunk: Chunk) -> tuple[jax.Array, jax.Array]:
+  """The `(sequence, slot)` index of every token of a chunk of consecutive positions."""
+  b, t = chunk.positions.shape
+  return (jnp.arange(b)[:, None],
+          chunk.positions[:, :1] + jnp.arange(t, dtype=chunk.positions.dtype))
 
 
 def dense_attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
@@ -42,42 +46,45 @@ def dense_attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Arra
 
 @flax.struct.dataclass
 class DenseLayout(Layout):
-  k: jax.Array  # B x S x K x D, rotated keys
-  v: jax.Array  # B x S x K x D
-  impl: str = flax.struct.field(pytree_node=False, default="xla")  # xla | pallas
+  k: Any  # B x S x K x D rotated keys, as `storage` holds them
+  v: Any  # B x S x K x D
+  storage: Storage = flax.struct.field(pytree_node=False)
+  impl: str = flax.struct.field(pytree_node=False)  # xla | pallas
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[1]
+    return jax.tree.leaves(self.k)[0].shape[1]
 
   def write(self, chunk: Chunk) -> DenseLayout:
     """Stores a chunk of consecutive positions per sequence (prefill or one decode step)."""
-    start_B = chunk.positions[:, 0]
-    return self.replace(k=_write_rows(self.k, chunk.k, start_B),
-                        v=_write_rows(self.v, chunk.v, start_B))
+    at = _slots(chunk)
+    return self.replace(k=self.storage.put(self.k, at, chunk.k),
+                        v=self.storage.put(self.v, at, chunk.v))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, DenseLayout]:
-    return dense_attend(q_BxTxHxD, self.k, self.v, chunk.positions, self.impl), self
+    read = self.storage.read
+    return dense_attend(q_BxTxHxD, read(self.k), read(self.v), chunk.positions, self.impl), self
 
 
-def dense_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype,
+def dense_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
                  impl: str = "xla") -> DenseLayout:
   """A zeroed `[B, S, K, D]` layout."""
   shape = (batch, max_len, num_kv_heads, head_dim)
-  return DenseLayout(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), impl=impl)
+  return DenseLayout(k=storage.zeros(shape), v=storage.zeros(shape), storage=storage, impl=impl)
 
 
 @flax.struct.dataclass
 class StackedKVCache(Cache):
   """Every producer's dense buffers stacked on a leading axis, for scanned layers."""
 
-  k: jax.Array  # G x B x S x K x D, rotated keys
-  v: jax.Array  # G x B x S x K x D
-  impl: str = flax.struct.field(pytree_node=False, default="xla")
+  k: Any  # G x B x S x K x D rotated keys, as `storage` holds them
+  v: Any  # G x B x S x K x D
+  storage: Storage = flax.struct.field(pytree_node=False)
+  impl: str = flax.struct.field(pytree_node=False)
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return jax.tree.leaves(self.k)[0].shape[2]
 
   def layer(self, index: jax.Array) -> StackedLayout:
     """Group `index`'s buffer (a traced index: the scan's step)."""
@@ -94,21 +101,20 @@ class StackedLayout(Layout):
   def write(self, chunk: Chunk) -> StackedLayout:
     """One scatter into buffer `index` of the stack (a vmap over its batch axis would transpose
     the whole stack)."""
-    b, t = chunk.k.shape[:2]
-    slots_BxT = chunk.positions[:, :1] + jnp.arange(t, dtype=chunk.positions.dtype)
-    put = lambda buf, new: buf.at[self.index, jnp.arange(b)[:, None], slots_BxT].set(
-        new.astype(buf.dtype), mode="drop")
-    return self.replace(stack=self.stack.replace(k=put(self.stack.k, chunk.k),
-                                                 v=put(self.stack.v, chunk.v)))
+    stack, at = self.stack, (self.index, *_slots(chunk))
+    return self.replace(stack=stack.replace(k=stack.storage.put(stack.k, at, chunk.k),
+                                            v=stack.storage.put(stack.v, at, chunk.v)))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, StackedLayout]:
-    take = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.index, keepdims=False)
-    out = dense_attend(q_BxTxHxD, take(self.stack.k), take(self.stack.v), chunk.positions,
-                       self.stack.impl)
+    stack = self.stack
+    take = lambda buf: stack.storage.read(jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, self.index, keepdims=False), buf))
+    out = dense_attend(q_BxTxHxD, take(stack.k), take(stack.v), chunk.positions, stack.impl)
     return out, self
 
 
-def stacked_cache(groups: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype,
-                  impl: str = "xla") -> StackedKVCache:
+def stacked_cache(groups: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                  storage: Storage, impl: str = "xla") -> StackedKVCache:
   shape = (groups, batch, max_len, num_kv_heads, head_dim)
-  return StackedKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), impl=impl)
+  return StackedKVCache(k=storage.zeros(shape), v=storage.zeros(shape), storage=storage,
+                        impl=impl)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import cached_property
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache.storage import Storage
 from kvjax.layers.dot_product import dot_product_attention
 from kvjax.pallas_kernels.block_sparse_decode import block_sparse_decode, range_tables
 
@@ -38,13 +40,13 @@ class FlatHeads:
   def rows(self, h: int) -> slice:
     return slice(int(self.offsets[h]), int(self.offsets[h + 1]))
 
-  def zeros(self, batch: int, head_dim: int, dtype) -> jax.Array:
-    return jnp.zeros((batch, self.num_rows, head_dim), dtype)
+  def zeros(self, batch: int, head_dim: int, storage: Storage) -> Any:
+    return storage.zeros((batch, self.num_rows, head_dim))
 
-  def put(self, buf_BxNx_: jax.Array, rows_BxTxK: jax.Array, new_BxTxKx_: jax.Array) -> jax.Array:
-    """Scatters each (sequence, token, head)'s entry to its row; rows >= N are dropped."""
-    b_Bx1x1 = jnp.arange(buf_BxNx_.shape[0])[:, None, None]
-    return buf_BxNx_.at[b_Bx1x1, rows_BxTxK].set(new_BxTxKx_.astype(buf_BxNx_.dtype), mode="drop")
+  @staticmethod
+  def at(rows_BxTxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The index that puts each (sequence, token, head)'s entry in its row (rows >= N: none)."""
+    return jnp.arange(rows_BxTxK.shape[0])[:, None, None], rows_BxTxK
 
   def count(self, flags_BxN: jax.Array) -> jax.Array:
     """`[B, K]` int32: per head, the rows whose flag is set."""

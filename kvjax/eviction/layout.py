@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.compact import CompactLayout, compact_layout
-from kvjax.cache.dense import DenseLayout, dense_attend
+from kvjax.cache.dense import DenseLayout, dense_attend, dense_layout
+from kvjax.cache.storage import Storage
 from kvjax.eviction.policies import (ATTENTION_POLICIES, attention_probs, keep_counts, keep_top,
                                      key_scores, observed_attention)
 from kvjax.layers.cache import Chunk, Layout
@@ -39,8 +40,9 @@ class EvictionLayout(Layout):
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, EvictionLayout]:
     """Dense attention; the queries' attention to every key is added to its score, averaged
     over the layers that read this buffer."""
-    k_BxSxKxD = self.dense.k
-    out = dense_attend(q_BxTxHxD, k_BxSxKxD, self.dense.v, chunk.positions, self.dense.impl)
+    read = self.dense.storage.read
+    k_BxSxKxD = read(self.dense.k)
+    out = dense_attend(q_BxTxHxD, k_BxSxKxD, read(self.dense.v), chunk.positions, self.dense.impl)
     if self.policy not in ATTENTION_POLICIES:
       return out, self
     b, s = k_BxSxKxD.shape[:2]
@@ -53,21 +55,22 @@ class EvictionLayout(Layout):
     """The compacted layout of each sequence's chosen prompt tokens, with `room` more rows per
     head (host side: the sizes become static shapes)."""
     dense = self.dense
-    b, s, num_kv_heads, head_dim = dense.k.shape
+    k_BxSxKxD, v_BxSxKxD = dense.storage.read(dense.k), dense.storage.read(dense.v)
+    b, s, num_kv_heads, head_dim = k_BxSxKxD.shape
     score_BxKxS = key_scores(self.policy, self.observed, self.lengths, rng)
     keep_BxSxK = keep_top(score_BxKxS, keep_counts(self.keep_ratio, self.lengths))
     positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    fresh = compact_layout(b, s, num_kv_heads, head_dim, dense.k.dtype, impl=dense.impl)
-    chosen = fresh.write(Chunk(dense.k, dense.v, positions_BxS, keep_BxSxK))
+    fresh = compact_layout(b, s, num_kv_heads, head_dim, dense.storage, impl=dense.impl)
+    chosen = fresh.write(Chunk(k_BxSxKxD, v_BxSxKxD, positions_BxS, keep_BxSxK))
     return chosen.finish_prefill(room, rng)
 
 
-def eviction_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, *,
-                    policy: str, keep_ratio: float, readers: int, impl: str) -> EvictionLayout:
+def eviction_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
+                    *, policy: str, keep_ratio: float, readers: int,
+                    impl: str) -> EvictionLayout:
   """A prefill layout for `batch` prompts of up to `max_len` positions (prompt and decoded)."""
-  shape = (batch, max_len, num_kv_heads, head_dim)
   return EvictionLayout(
-      dense=DenseLayout(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), impl=impl),
+      dense=dense_layout(batch, max_len, num_kv_heads, head_dim, storage, impl),
       observed=jnp.zeros((batch, num_kv_heads, max_len), jnp.float32),
       lengths=jnp.full((batch,), max_len, jnp.int32), policy=policy, keep_ratio=keep_ratio,
       readers=readers)

@@ -5,19 +5,19 @@ block)."""
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
+from kvjax.cache.storage import Storage
 from kvjax.config import ModelConfig
 from kvjax.eviction.layout import EvictionLayout, eviction_layout
 from kvjax.layers.kv_sharing import readers
 from kvjax.method import TOKENS, Method
 
 
-def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str) -> tuple[EvictionLayout, ...]:
+def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str,
+             storage: Storage) -> tuple[EvictionLayout, ...]:
   e = cfg.eviction
-  return tuple(eviction_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_,
-                               jnp.dtype(cfg.cache_dtype), policy=e.policy,
-                               keep_ratio=e.keep_ratio, readers=len(layers), impl=impl)
+  return tuple(eviction_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, storage,
+                               policy=e.policy, keep_ratio=e.keep_ratio, readers=len(layers),
+                               impl=impl)
                for layers in readers(cfg.producer_of))
 
 

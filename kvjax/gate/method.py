@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import functools
 
-import jax.numpy as jnp
-
 from kvjax.cache.compact import CompactLayout, compact_layout
 from kvjax.cache.dense import dense_layout
+from kvjax.cache.storage import Storage
 from kvjax.config import ModelConfig
 from kvjax.gate.layer import AttentionGate
 from kvjax.method import TOKENS, Method
 
 
-def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str) -> tuple[CompactLayout, ...]:
-  g, dtype = cfg.attention_gate, jnp.dtype(cfg.cache_dtype)
-  return tuple(compact_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, dtype, impl=impl,
-                              state=dense_layout(batch, max_len, g.num_heads, g.head_dim, dtype),
-                              gated_decode=g.gate_decode)
+def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str,
+             storage: Storage) -> tuple[CompactLayout, ...]:
+  g = cfg.attention_gate
+  state = lambda: dense_layout(batch, max_len, g.num_heads, g.head_dim, storage)
+  return tuple(compact_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, storage, impl=impl,
+                              state=state(), gated_decode=g.gate_decode)
                for _ in range(cfg.num_kv_layers))
 
 

@@ -20,12 +20,15 @@ Right-padded prompts tell the cache their lengths, so pad tokens never displace 
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.flat import FlatHeads
+from kvjax.cache.storage import Storage
 from kvjax.config import ModelConfig
 from kvjax.layers.cache import Chunk, Layout
 from kvjax.layers.kv_sharing import readers
@@ -71,10 +74,11 @@ def window_layouts(cfg: ModelConfig, plan: Plan) -> tuple[MoAWindows, ...]:
 class MoARing(Layout):
   """A producer's ring buffers, read by each layer of its group with that layer's windows."""
 
-  k: jax.Array  # B x sum_k size_k x D, rotated keys
-  v: jax.Array  # B x sum_k size_k x D
+  k: Any  # B x sum_k size_k x D rotated keys, as `storage` holds them
+  v: Any  # B x sum_k size_k x D
   prompt_lengths: jax.Array  # B int32: a multi-token write stores positions below this only
   heads: FlatHeads = flax.struct.field(pytree_node=False)  # per KV head: ring size (sinks too)
+  storage: Storage = flax.struct.field(pytree_node=False)
   head_sizes: tuple[tuple[int, ...], ...] = flax.struct.field(pytree_node=False)  # reader, q head
   readers: tuple[int, ...] = flax.struct.field(pytree_node=False)  # layers reading this buffer
   reader: int = flax.struct.field(pytree_node=False)  # the one attending now (`for_layer`)
@@ -109,9 +113,9 @@ class MoARing(Layout):
     return jnp.where(kept, self.heads.offsets[:-1] + slot_BxTxK, self.heads.num_rows)
 
   def write(self, chunk: Chunk) -> MoARing:
-    rows_BxTxK = self._rows(chunk.positions)
-    return self.replace(k=self.heads.put(self.k, rows_BxTxK, chunk.k),
-                        v=self.heads.put(self.v, rows_BxTxK, chunk.v))
+    at = self.heads.at(self._rows(chunk.positions))
+    return self.replace(k=self.storage.put(self.k, at, chunk.k),
+                        v=self.storage.put(self.v, at, chunk.v))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, MoARing]:
     if q_BxTxHxD.shape[1] > 1:  # the prompt, from position 0: block-sparse over its own K/V
@@ -119,13 +123,15 @@ class MoARing(Layout):
                                     _num_local(self.sizes, self.sink, self.block),
                                     block=self.block, sink=self.sink), self
     g = q_BxTxHxD.shape[2] // len(self.heads.sizes)
+    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     uniform = all(s == self.heads.sizes[h // g] for h, s in enumerate(self.sizes))
     if self.impl == "pallas" and uniform:  # every query head reads all of its KV head's slots
       num_tokens_BxK = jnp.minimum(chunk.positions[:, :1] + 1, jnp.asarray(self.heads.sizes))
-      return self.heads.decode(q_BxTxHxD, self.k, self.v, num_tokens_BxK, self.block), self
-    return self._attend_jnp(q_BxTxHxD, chunk.positions, g), self
+      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, self.block), self
+    return self._attend_jnp(q_BxTxHxD, k_BxNxD, v_BxNxD, chunk.positions, g), self
 
-  def _attend_jnp(self, q_BxTxHxD: jax.Array, positions_BxT: jax.Array, g: int) -> jax.Array:
+  def _attend_jnp(self, q_BxTxHxD: jax.Array, k_BxNxD: jax.Array, v_BxNxD: jax.Array,
+                  positions_BxT: jax.Array, g: int) -> jax.Array:
     """Each KV head's rows, positions recovered from the query position, per-head windows."""
     t_Bx1 = positions_BxT[:, -1:]
     windows = tuple(s - self.sink for s in self.sizes)
@@ -139,23 +145,22 @@ class MoARing(Layout):
       visible_BxGxTxS = decode_mask(positions_BxT, pos_BxS, windows[h * g:(h + 1) * g], self.sink)
       return visible_BxGxTxS & (pos_BxS >= 0)[:, None, None]
 
-    return self.heads.attend(q_BxTxHxD, self.k, self.v, mask_of)
+    return self.heads.attend(q_BxTxHxD, k_BxNxD, v_BxNxD, mask_of)
 
 
-def ring_layouts(cfg: ModelConfig, plan: Plan, batch: int, max_len: int,
-                 impl: str) -> tuple[MoARing, ...]:
+def ring_layouts(cfg: ModelConfig, plan: Plan, batch: int, max_len: int, impl: str,
+                 storage: Storage) -> tuple[MoARing, ...]:
   """Zeroed ring buffers, one per producer layer, sized by `plan` for requests of final length
   `max_len`: each KV head as large as the largest span among the query heads that read it."""
   sizes_LxH = plan.cache_sizes(max_len, cfg.moa.block_size)
   g = cfg.num_heads // cfg.num_kv_heads
-  dtype = jnp.dtype(cfg.cache_dtype)
   rings = []
   for layers in readers(cfg.producer_of):
     kv_K = sizes_LxH[list(layers)].reshape(len(layers), cfg.num_kv_heads, g).max(axis=(0, 2))
     heads = FlatHeads(tuple(int(s) for s in kv_K))
     rings.append(MoARing(
-        k=heads.zeros(batch, cfg.head_dim_, dtype), v=heads.zeros(batch, cfg.head_dim_, dtype),
-        prompt_lengths=jnp.full((batch,), max_len, jnp.int32), heads=heads,
+        k=heads.zeros(batch, cfg.head_dim_, storage), v=heads.zeros(batch, cfg.head_dim_, storage),
+        prompt_lengths=jnp.full((batch,), max_len, jnp.int32), heads=heads, storage=storage,
         head_sizes=tuple(tuple(int(s) for s in sizes_LxH[layer]) for layer in layers),
         readers=layers, reader=layers[0], sink=cfg.moa.sink_tokens, block=cfg.moa.block_size,
         impl=impl, max_len=max_len))

@@ -22,6 +22,6 @@ METHOD = Method(
     scan_why="its ring buffers differ in size from layer to layer, so they cannot be stacked "
              "(unroll the layers)",
     shards_kv_heads=False, check=_check,
-    layouts=lambda cfg, batch, max_len, impl: ring_layouts(cfg, load_plan(cfg.moa.plan), batch,
-                                                           max_len, impl),
+    layouts=lambda cfg, batch, max_len, impl, storage: ring_layouts(
+        cfg, load_plan(cfg.moa.plan), batch, max_len, impl, storage),
     sequence_layouts=lambda cfg: window_layouts(cfg, load_plan(cfg.moa.plan)))

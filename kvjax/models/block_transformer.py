@@ -97,7 +97,7 @@ class BlockTransformer(nn.Module):
     slots = token_cfg.max_seq_len
     if token_cfg.scan_layers:
       local = stacked_cache(token_cfg.num_kv_layers, batch, slots, token_cfg.num_kv_heads,
-                            token_cfg.head_dim_, jnp.dtype(token_cfg.cache_dtype),
+                            token_cfg.head_dim_, registry.storage(token_cfg),
                             registry.attention_impl(token_cfg))
     else:
       local = KVCache(layers=registry.dense_layouts(token_cfg, batch, slots), max_len=slots)

@@ -104,7 +104,7 @@ class Transformer(nn.Module):
     registry.validate(cfg)
     if cfg.scan_layers:
       return stacked_cache(cfg.num_kv_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim_,
-                           jnp.dtype(cfg.cache_dtype), registry.attention_impl(cfg))
+                           registry.storage(cfg), registry.attention_impl(cfg))
     return KVCache(layers=registry.layouts(cfg, batch, max_len), max_len=max_len)
 
   @nn.compact
