@@ -19,7 +19,7 @@ run: setup
 	$(PY) decode.py --config configs/tiny.yaml --checkpoint runs/tiny --batch 32 --prompt-len 128 --gen-len 256
 
 test: setup
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
 
 clean:
 	rm -rf $(VENV)

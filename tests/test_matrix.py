@@ -2,9 +2,14 @@
 
 For every cell that the registry accepts: prefill of right-padded prompts plus greedy decode
 steps gives the logits of a full forward under the mask the method stands for (built here from
-the method's definition, and from the kept sets its cache reports); `generate` gives the tokens of
-the step-by-step argmax; and the cache holds exactly the bytes its layout implies. Every other
-cell is rejected at config load with one error naming the keys.
+the method's definition, and from the kept sets its cache reports); the generate loop from the
+prefilled state gives the tokens of the step-by-step argmax; and the cache holds exactly the bytes
+its layout implies. Every other cell is rejected at config load with one error naming the keys.
+
+Compilations are shared within a (model, sharing) group, which runs on one test worker: the
+method decides the prefill, but a cache decodes the same way whatever config made it (every
+eviction policy leaves the same compacted shapes), and a reference under explicit masks needs
+the method's parameters only (the gate's).
 """
 
 import functools
@@ -18,7 +23,8 @@ import pytest
 from flax import traverse_util
 
 import kvjax
-from kvjax.decode import SamplingConfig, decode_step, generate, init_cache, prefill_cache
+from kvjax.decode import (SamplingConfig, decode_loop, decode_step, init_cache, prefill_cache,
+                          start_decoding)
 from kvjax.errors import ConfigError
 from kvjax.layers.cache import KVCache, Layout
 from kvjax.layers.dot_product import dot_product_attention
@@ -39,7 +45,8 @@ SHARING = {"none": (), "cla2": ("model.kv_sharing.factor=2",),
            "irregular": ("model.kv_sharing.producer_of=[0,1,1,1]",)}
 MODELS = {"llama": (), "scanned": ("model.scan_layers=true",),
           "block": ("model.kind=block_transformer", f"model.block.block_len={L}",
-                    f"model.block.num_prefix={R}")}
+                    f"model.block.num_prefix={R}", "model.block.token_decoder.num_layers=1",
+                    "model.block.token_decoder.kv_sharing.factor=1")}
 POLICIES = ("h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")
 SELECTIONS = ("dense", "moa", "gate", *POLICIES)
 # Per (layer, query head): spans 16..32 slots at N = 32, mixed within each K/V group.
@@ -168,11 +175,6 @@ def moa_masks(layer: int) -> np.ndarray:
 # One cell.
 
 
-@functools.cache
-def step_fn(model):
-  return jax.jit(lambda p, tok, pos, cache: decode_step(model, p, tok, pos, cache))
-
-
 def build(model_kind, sharing, selection, plan_path):
   cfg = kvjax.load_config(None, overrides(model_kind, sharing, selection, plan_path))
   model = kvjax.build_model(cfg.model)
@@ -186,19 +188,42 @@ def build(model_kind, sharing, selection, plan_path):
   return cfg.model, model, params
 
 
-def decode_by_steps(model, params, cfg, prompts):
-  """Prefill, then greedy steps one at a time: prompt logits, step logits, tokens, the cache
-  decode starts from."""
+@functools.cache
+def decoder(model_kind, sharing, selection, plan_path):
+  """The model that decodes the cell's cache and computes its reference: the dense one, shared
+  by the cells of a group, except for the gate (its filter runs at every step)."""
+  return build(model_kind, sharing, "gate" if selection == "gate" else "dense", plan_path)[1]
+
+
+@functools.cache
+def step_fn(model):
+  return jax.jit(lambda p, tok, pos, cache: decode_step(model, p, tok, pos, cache))
+
+
+@functools.cache
+def reference_fn(model):
+  return jax.jit(lambda p, *a, **kw: model.apply({"params": p}, *a, **kw),
+                 static_argnames="method")
+
+
+def decode_by_steps(model, decoding, params, cfg, prompts):
+  """Prefill with the cell's model, then greedy steps one at a time with `decoding`: prompt
+  logits, step logits, tokens, the cache decode starts from, and the generate loop's tokens from
+  the same start."""
   cache, last_BxV, prompt_logits = prefill_cache(model, params, prompts, LENGTHS,
                                                  init_cache(cfg, B, N), keep_logits=True)
   cache = cache.finish_prefill(G - 1, jax.random.fold_in(jax.random.key(0), 1))
   start_cache = cache
   tokens, logits = [jnp.argmax(last_BxV, -1)], [last_BxV]
   for i in range(G - 1):
-    step_logits, cache = step_fn(model)(params, tokens[-1], jnp.asarray(LENGTHS) + i, cache)
+    step_logits, cache = step_fn(decoding)(params, tokens[-1], jnp.asarray(LENGTHS) + i, cache)
     logits.append(step_logits)
     tokens.append(jnp.argmax(step_logits, -1))
-  return (np.asarray(prompt_logits), np.stack(logits, 1), np.stack(tokens, 1), start_cache)
+  state = start_decoding(last_BxV, LENGTHS, jax.tree.map(jnp.copy, start_cache), jax.random.key(0),
+                         sampling=SamplingConfig(), max_new_tokens=G)
+  looped = decode_loop(decoding, params, state, sampling=SamplingConfig()).tokens
+  return (np.asarray(prompt_logits), np.stack(logits, 1), np.stack(tokens, 1), start_cache,
+          np.asarray(looped))
 
 
 def analytic_bytes(cfg, model_kind, selection, cache) -> int:
@@ -245,7 +270,7 @@ def full_logits(model, params, cfg, model_kind, selection, tokens_BxG, cache):
       offsets[b] = -n % L
       row = [cfg.block.pad_id] * offsets[b] + row
     seqs[b, :len(row)] = row
-  apply = lambda *a, **kw: model.apply({"params": params}, *a, **kw)
+  apply = functools.partial(reference_fn(model), params)
   if model_kind == "block":
     if selection == "dense":
       return np.asarray(apply(jnp.asarray(seqs))), offsets
@@ -278,17 +303,17 @@ def full_logits(model, params, cfg, model_kind, selection, tokens_BxG, cache):
 PROMPTS = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 0, 256, jnp.int32))
 
 
-@pytest.mark.parametrize("model_kind, sharing, selection", GOOD,
-                         ids=["-".join(c) for c in GOOD])
+@pytest.mark.parametrize("model_kind, sharing, selection", [
+    pytest.param(*c, id="-".join(c), marks=pytest.mark.xdist_group(f"{c[0]}-{c[1]}"))
+    for c in GOOD])
 def test_cell_decodes_its_masked_full_forward(model_kind, sharing, selection, plan_path):
   cfg, model, params = build(model_kind, sharing, selection, plan_path)
-  prompt_logits, step_logits, tokens, cache = decode_by_steps(model, params, cfg, PROMPTS)
+  decoding = decoder(model_kind, sharing, selection, plan_path)
+  prompt_logits, step_logits, tokens, cache, looped = decode_by_steps(model, decoding, params,
+                                                                      cfg, PROMPTS)
+  np.testing.assert_array_equal(looped, tokens)
 
-  out = generate(model, params, PROMPTS, LENGTHS, max_new_tokens=G, rng=jax.random.key(0),
-                 cache=init_cache(cfg, B, N), sampling=SamplingConfig())
-  np.testing.assert_array_equal(out.tokens, tokens)
-
-  full, offsets = full_logits(model, params, cfg, model_kind, selection, tokens, cache)
+  full, offsets = full_logits(decoding, params, cfg, model_kind, selection, tokens, cache)
   for b, n in enumerate(LENGTHS):
     s = offsets[b]
     np.testing.assert_allclose(prompt_logits[b, :n], full[b, s:s + n], atol=2e-4, rtol=2e-4)
