@@ -16,6 +16,7 @@ from kvjax.pallas_kernels import (block_sparse_decode, eligibility, range_tables
                                   shared_kv_decode)
 from kvjax.pallas_kernels.block_sparse_decode_ref import block_sparse_decode_ref
 from kvjax.pallas_kernels.blocked_decode import blocked_decode
+from kvjax.pallas_kernels.coverage import abstract_call, config_cases
 from tests.helpers import random_tokens, tiny_model
 
 BS = 16  # block size in interpret-mode tests
@@ -249,59 +250,26 @@ def test_kernels_refuse_what_eligibility_refuses():
 # for every cache layout of every shipped config, in bf16 and f32.
 
 PLATFORM_BACKEND = {"cuda": "triton", "tpu": "mosaic_tpu"}
-PALLAS_BLOCK = 64  # compacted caches' block (kvjax.decode.compact_cache)
-
-
-def kernel_cases(cfg):
-  """(layout, H, K, D, rows, block_size) of every cache the model can hand the kernels."""
-  if cfg.kind == "block_transformer":
-    for name in ("block_decoder", "token_decoder"):
-      yield from kernel_cases(cfg.decoder(name))
-    return
-  h, k, d, s = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_, cfg.max_seq_len
-  yield "dense", h, k, d, s, None  # dense and CLA buffers, eviction's dense prefill cache
-  yield "stacked", h, k, d, s, None  # scan_layers
-  for block in (cfg.moa_block_size, PALLAS_BLOCK):  # MoA plan / compacted survivors
-    yield "flat", h, k, d, k * -(-s // block) * block, block
-  gate = cfg.attention_gate
-  if gate.enable:
-    yield "dense", gate.num_heads, gate.num_heads, gate.head_dim, s, None
-
-
-def read_stack(q, k, v, lengths, index, **opts):
-  return shared_kv_decode(q, k, v, lengths, stack_index=index, **opts)
 
 
 @functools.cache
-def lower(platform, layout, h, k, d, rows, dtype, block_size):
-  """Lowers the layout's kernel for `platform` at batch 2; returns the module text."""
-  sds, b = jax.ShapeDtypeStruct, 2
-  opts = dict(backend=PLATFORM_BACKEND[platform], interpret=False)
-  q = sds((b, h, d), dtype)
-  if layout == "flat":
-    m = rows // k // block_size
-    fn = functools.partial(block_sparse_decode, block_size=block_size, **opts)
-    args = (q, sds((b, rows, d), dtype), sds((b, rows, d), dtype), sds((b, k, m), jnp.int32),
-            sds((b, k), jnp.int32))
-  else:
-    lead = (3,) if layout == "stacked" else ()
-    fn = functools.partial(read_stack if lead else shared_kv_decode, **opts)
-    args = (q, sds((*lead, b, rows, k, d), dtype), sds((*lead, b, rows, k, d), dtype),
-            sds((b,), jnp.int32), *[sds((), jnp.int32)] * bool(lead))
+def lower(platform, case, dtype):
+  fn, args = abstract_call(case, dtype, PLATFORM_BACKEND[platform])
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_is_eligible_and_lowers(path):
-  """A new config file is covered without anyone listing it here."""
-  cfg = kvjax.load_config(path).model
-  for layout, h, k, d, rows, block in kernel_cases(cfg):
+  """Every cache layout of every config in configs/: a new config is covered without anyone
+  listing it here."""
+  for case in config_cases(kvjax.load_config(path).model):
     for platform in PLATFORM_BACKEND:
       for dtype in ("float32", "bfloat16"):
-        verdict = eligibility(platform, layout, num_heads=h, num_kv_heads=k, head_dim=d,
-                              rows=rows, dtype=dtype, block_size=block)
-        assert verdict.ok, (layout, platform, dtype, verdict.reason)
-        assert "blocked_decode" in lower(platform, layout, h, k, d, rows, dtype, block)
+        verdict = eligibility(platform, case.layout, num_heads=case.num_heads,
+                              num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+                              rows=case.rows, dtype=dtype, block_size=case.block_size)
+        assert verdict.ok, (case, platform, dtype, verdict.reason)
+        assert "blocked_decode" in lower(platform, case, dtype)
 
 
 # -------------------------------------------------------------------------------------------
