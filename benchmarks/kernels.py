@@ -16,8 +16,9 @@ Sections, all bf16 with head dim 128 (GQA 32:8 and MQA 32:1):
 Every timed implementation's output is checked against a float32 reference at HIGHEST
 precision on the same inputs (max abs error in the JSON; a failure is reported, not hidden).
 Device time per call: n calls inside one jitted loop whose carry feeds each call's query (no
-call can be hoisted or dropped), differenced between 1 and 1+n calls so dispatch cancels; the
-median of `--repeats`. GB/s counts only what a decode step must read: the valid K/V, q and o.
+call can be hoisted or dropped), the medians of `--repeats` runs of 1 and of 1+n calls
+differenced so dispatch cancels. GB/s counts only what a decode step must read: the valid K/V,
+q and o.
 The `cpu` preset (small sizes; Pallas in interpret mode, so its times say nothing about
 kernels) proves the script end to end. Writes benchmarks/results/kernels_<device>.{json,png}.
 """
@@ -68,8 +69,9 @@ def device_seconds(fn, args, repeats: int, window_s: float) -> float:
     return time.perf_counter() - t0
 
   wall(1)  # compile
-  n = int(np.clip(window_s / max(wall(2) - wall(1), 1e-7), 4, 5000))
-  return statistics.median((wall(1 + n) - wall(1)) / n for _ in range(repeats))
+  n = int(np.clip(window_s / (wall(4) / 4), 4, 5000))  # wall(4) / 4 >= a call: n stays small
+  many = statistics.median(wall(1 + n) for _ in range(repeats))
+  return (many - statistics.median(wall(1) for _ in range(repeats))) / n
 
 
 def max_error(out, want) -> float:
