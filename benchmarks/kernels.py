@@ -1,14 +1,26 @@
-"""Decode kernels vs the memory-bandwidth limit: achieved GB/s next to the device's copy bandwidth.
+"""Decode kernels against the memory roofline, XLA and jax's own decode kernel.
 
   python -m benchmarks.kernels [--preset auto|cpu|gpu] [--repeats 3]
 
-Times `shared_kv_decode` (Pallas), its XLA reference and, on a GPU, jax's own
-`pallas.ops.gpu.decode_attention.gqa` on the same inputs, over batch x context for GQA 8:1 and
-MQA (head dim 128, bf16); then `block_sparse_decode` at several densities against the dense
-kernel. GB/s counts only the bytes a decode step needs: the valid K/V plus q and o. On a CPU the
-Pallas kernels run in interpret mode, so only the `gpu` preset's numbers say anything about speed;
-the `cpu` preset (small sizes, about a minute) keeps the script working. Writes
-`benchmarks/results/kernels_<device>.json` (+ a PNG when matplotlib is installed).
+Sections, all bf16 with head dim 128 (GQA 32:8 and MQA 32:1):
+- roofline: GB/s of a copy (each byte read and written) and of a read-only reduction.
+- dense: `shared_kv_decode`, its XLA reference and jax's `decode_attention` (when this jax
+  ships it) over batch x context at full length. jax's `gqa` transposes K/V to head-major (a
+  copy of the cache) on every call: its kernel is timed on pre-transposed buffers, and `gqa`
+  with its transpose as a separate row.
+- ragged: one capacity, valid lengths 1/16 .. 1 of it (and a batch of mixed lengths): the
+  kernels read only the valid tokens, the XLA reference reads the whole buffer.
+- sparse: `block_sparse_decode` at densities 1 .. 1/16 of the blocks, with the least-squares
+  fit `t = fixed + density * per_density`.
+- big (GPU): a K/V buffer over 4 GiB, so the kernel's 64-bit offsets are exercised.
+Every timed implementation's output is checked against a float32 reference at HIGHEST
+precision on the same inputs (max abs error in the JSON; a failure is reported, not hidden).
+Device time per call: n calls inside one jitted loop whose carry feeds each call's query (no
+call can be hoisted or dropped), the medians of `--repeats` runs of 1 and of 1+n calls
+differenced so dispatch cancels. GB/s counts only what a decode step must read: the valid K/V,
+q and o.
+The `cpu` preset (small sizes; Pallas in interpret mode, so its times say nothing about
+kernels) proves the script end to end. Writes benchmarks/results/kernels_<device>.{json,png}.
 """
 
 from __future__ import annotations
@@ -26,149 +38,246 @@ from benchmarks.common import save_plot, write_json
 from kvjax.pallas_kernels import (block_sparse_decode, block_sparse_decode_ref, shared_kv_decode,
                                   shared_kv_decode_ref)
 
-HEAD_DIM = 128
-DTYPE = jnp.bfloat16
-HEADS = {"gqa8": (32, 4), "mqa": (32, 1)}  # (query heads, KV heads)
+try:  # deprecated in jax; may be absent from the jax a GPU machine has
+  from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode_attention
+except ImportError:
+  jax_decode_attention = None
+
+HEAD_DIM, DTYPE, BLOCK = 128, jnp.bfloat16, 64
+HEADS = {"gqa": (32, 8), "mqa": (32, 1)}  # (query heads, KV heads)
+DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+FRACTIONS = (0.0625, 0.125, 0.25, 0.5, 1.0)
 PRESETS = {
-    "cpu": dict(batches=(1, 2), contexts=(256, 512), copy_mib=64, sparse_batch=2,
-                sparse_context=512),
-    "gpu": dict(batches=(1, 4, 16, 64), contexts=(1024, 4096, 16384, 32768, 131072),
-                copy_mib=2048, sparse_batch=16, sparse_context=32768),
+    "cpu": dict(batches=(1,), contexts=(256, 512), roofline_mib=64, ragged=(2, 512),
+                sparse=(2, 512), big=None, window_s=0.05),
+    "gpu": dict(batches=(1, 16), contexts=(4096, 32768, 131072), roofline_mib=4096,
+                ragged=(16, 32768), sparse=(16, 32768), big=(18, 131072), window_s=0.05),
 }
-DENSITIES = (1.0, 0.5, 0.25, 0.125)
-BLOCK_SIZE = 64
+TOLERANCE = 2e-2  # bf16 K/V and probabilities against a float32 reference
 
 
-def seconds_per_call(fn, *args, repeats: int, min_window_s: float = 0.2) -> float:
-  """Median over `repeats` windows of back-to-back calls (compile and one warm-up excluded)."""
-  jax.block_until_ready(fn(*args))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  calls = int(np.clip(min_window_s / max(time.perf_counter() - t0, 1e-6), 1, 200))
-  windows = []
-  for _ in range(repeats):
+def device_seconds(fn, args, repeats: int, window_s: float) -> float:
+  """Seconds per call of `fn(q, *rest) -> like q`, from calls chained inside one jitted loop."""
+  @jax.jit
+  def chained(n, q, *rest):
+    step = lambda _, q: q + (fn(q, *rest) * 1e-6).astype(q.dtype)  # a data dependency
+    return jax.lax.fori_loop(0, n, step, q)
+
+  def wall(n):
     t0 = time.perf_counter()
-    out = [fn(*args) for _ in range(calls)]
-    jax.block_until_ready(out)
-    windows.append((time.perf_counter() - t0) / calls)
-  return statistics.median(windows)
+    jax.block_until_ready(chained(n, *args))
+    return time.perf_counter() - t0
+
+  wall(1)  # compile
+  n = int(np.clip(window_s / (wall(4) / 4), 4, 5000))  # wall(4) / 4 >= a call: n stays small
+  many = statistics.median(wall(1 + n) for _ in range(repeats))
+  return (many - statistics.median(wall(1) for _ in range(repeats))) / n
 
 
-def copy_bandwidth(mib: int, repeats: int) -> float:
-  """GB/s of a jitted elementwise pass (reads and writes every byte once)."""
-  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
-  t = seconds_per_call(jax.jit(lambda a: a + 1.0), x, repeats=repeats)
-  return 2 * x.nbytes / t / 1e9
+def max_error(out, want) -> float:
+  return float(jnp.max(jnp.abs(out.astype(jnp.float32) - want.astype(jnp.float32))))
 
 
-def decode_bytes(batch: int, tokens: int, num_heads: int, num_kv_heads: int) -> int:
-  """Bytes a decode step needs: K and V of the valid tokens, plus q in and o out."""
+def highest(fn):
+  """`fn` on float32 inputs at HIGHEST matmul precision: the reference every output meets."""
+  def run(*args, **kwargs):
+    with jax.default_matmul_precision("highest"):
+      up = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
+      return jax.jit(functools.partial(fn, **kwargs))(*up)
+  return run
+
+
+def roofline(mib: int, repeats: int, window_s: float) -> dict:
+  """Copy (read + write) and read-only GB/s over a `mib` buffer."""
+  x = jnp.ones((mib * 2**20 // 2,), DTYPE)
+  copy = device_seconds(lambda x: x + 1, (x,), repeats, window_s)
+  read = device_seconds(lambda c, x: jnp.mean(x * c[0], keepdims=True, dtype=jnp.float32),
+                        (jnp.ones((1,), DTYPE), x), repeats, window_s)
+  return dict(copy_gb_per_s=2 * x.nbytes / copy / 1e9, read_gb_per_s=x.nbytes / read / 1e9)
+
+
+def decode_bytes(batch: int, tokens: float, num_heads: int, num_kv_heads: int) -> float:
+  """What a decode step must move: K and V of the valid tokens, q in and o out."""
   item = jnp.dtype(DTYPE).itemsize
   return batch * item * HEAD_DIM * (2 * tokens * num_kv_heads + 2 * num_heads)
 
 
-def jax_gqa():
-  """jax's own split-K GQA decode kernel (GPU Triton), where this jax build ships it."""
-  if jax.default_backend() != "gpu":
-    return None
-  from jax.experimental.pallas.ops.gpu import decode_attention  # noqa: PLC0415 (GPU only)
-  return jax.jit(lambda q, k, v, lengths: decode_attention.gqa(q, k, v, kv_seq_len=lengths))
-
-
-def dense_inputs(batch: int, context: int, num_heads: int, num_kv_heads: int):
-  keys = jax.random.split(jax.random.key(0), 3)
+def dense_inputs(seed: int, batch: int, context: int, num_heads: int, num_kv_heads: int):
+  keys = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(keys[0], (batch, num_heads, HEAD_DIM), DTYPE)
   k, v = (jax.random.normal(key, (batch, context, num_kv_heads, HEAD_DIM), DTYPE)
           for key in keys[1:])
-  return q, k, v, jnp.full((batch,), context, jnp.int32)
+  return q, k, v
 
 
-def bench_dense(preset: dict, repeats: int) -> list[dict]:
-  impls = {"pallas": jax.jit(shared_kv_decode), "xla": jax.jit(shared_kv_decode_ref),
-           "jax_decode_attention": jax_gqa()}
+def jax_kernel_head_major(q, k_BxKxSxD, v_BxKxSxD, lengths):
+  """jax's split-K kernel on K/V already `[B, K, S, D]` (what its `gqa` transposes to)."""
+  b, h, d = q.shape
+  kh = k_BxKxSxD.shape[1]
+  mqa = functools.partial(jax_decode_attention.mqa, kv_seq_len=lengths)
+  out = jax.vmap(mqa, in_axes=(1, 1, 1), out_axes=1)(q.reshape(b, kh, h // kh, d), k_BxKxSxD,
+                                                      v_BxKxSxD)
+  return out.reshape(b, h, d)
+
+
+def jax_gqa_transposing(q, k, v, lengths):
+  """jax's `gqa` with its K/V transpose on every call: the buffers are scaled by an exact 1 that
+  depends on q, since a loop would otherwise hoist the transpose of loop-invariant K/V."""
+  one = 1 + 0 * q[0, 0, 0]
+  return jax_decode_attention.gqa(q, k * one, v * one, kv_seq_len=lengths)
+
+
+def dense_impls(q, k, v, lengths) -> dict:
+  """name -> (fn(q, *rest), rest): the same attention by each implementation."""
+  impls = {"pallas": (shared_kv_decode, (k, v, lengths)),
+           "xla": (shared_kv_decode_ref, (k, v, lengths))}
+  if jax_decode_attention is not None and jax.default_backend() == "gpu":
+    kt, vt = (jnp.swapaxes(x, 1, 2) for x in (k, v))
+    impls["jax_decode_attention"] = (jax_kernel_head_major, (kt, vt, lengths))
+    impls["jax_gqa_with_transpose"] = (jax_gqa_transposing, (k, v, lengths))
+  return impls
+
+
+def time_and_check(row: dict, impls: dict, q, want, nbytes: float, args) -> list[dict]:
+  rows = []
+  for impl, (fn, rest) in impls.items():
+    t = device_seconds(fn, (q, *rest), args.repeats, args.window_s)
+    err = max_error(jax.jit(fn)(q, *rest), want)
+    rows.append(dict(row, impl=impl, seconds=t, gb_per_s=nbytes / t / 1e9, max_abs_err=err,
+                     ok=err < TOLERANCE))
+    print(f"{row} {impl:<21s} {1e6 * t:10.1f} us {nbytes / t / 1e9:8.1f} GB/s err {err:.1e}",
+          flush=True)
+  return rows
+
+
+def bench_dense(preset: dict, args) -> list[dict]:
   rows = []
   for heads, (h, kh) in HEADS.items():
     for batch in preset["batches"]:
       for context in preset["contexts"]:
-        args = dense_inputs(batch, context, h, kh)
-        nbytes = decode_bytes(batch, context, h, kh)
-        for impl, fn in impls.items():
-          if fn is None:
-            continue
-          t = seconds_per_call(fn, *args, repeats=repeats)
-          rows.append(dict(kernel="shared_kv_decode", impl=impl, heads=heads, batch=batch,
-                           context=context, seconds=t, bytes=nbytes, gb_per_s=nbytes / t / 1e9))
-          print(f"{heads} B={batch:<3d} ctx={context:<7d} {impl:<21s} {1e6 * t:10.1f} us "
-                f"{nbytes / t / 1e9:8.1f} GB/s", flush=True)
-        del args
+        q, k, v = dense_inputs(0, batch, context, h, kh)
+        lengths = jnp.full((batch,), context, jnp.int32)
+        want = highest(shared_kv_decode_ref)(q, k, v, lengths)
+        row = dict(section="dense", heads=heads, batch=batch, context=context, length=context)
+        impls = dense_impls(q, k, v, lengths)
+        rows += time_and_check(row, impls, q, want, decode_bytes(batch, context, h, kh), args)
+        del q, k, v, impls
   return rows
 
 
-def sparse_inputs(batch: int, context: int, num_heads: int, num_kv_heads: int, density: float):
-  """Each KV head owns `context` rows of a flat buffer and lists a random `density` of them."""
-  blocks = context // BLOCK_SIZE
-  listed = max(1, int(round(density * blocks)))
-  keys = jax.random.split(jax.random.key(1), 4)
+def bench_ragged(preset: dict, args) -> list[dict]:
+  """Fixed capacity, growing valid length (and one batch of mixed lengths)."""
+  batch, capacity = preset["ragged"]
+  h, kh = HEADS["gqa"]
+  q, k, v = dense_inputs(1, batch, capacity, h, kh)
+  mixed = jax.random.randint(jax.random.key(2), (batch,), 1, capacity + 1, jnp.int32)
+  rows = []
+  for fraction in (*FRACTIONS, "mixed"):
+    lengths = mixed if fraction == "mixed" else jnp.full((batch,), int(fraction * capacity),
+                                                         jnp.int32)
+    want = highest(shared_kv_decode_ref)(q, k, v, lengths)
+    row = dict(section="ragged", heads="gqa", batch=batch, context=capacity,
+               length=float(jnp.mean(lengths)), fraction=fraction)
+    rows += time_and_check(row, dense_impls(q, k, v, lengths), q, want,
+                           decode_bytes(batch, float(jnp.mean(lengths)), h, kh), args)
+  return rows
+
+
+def sparse_inputs(batch: int, context: int, num_heads: int, num_kv_heads: int):
+  """Each KV head owns `context` rows of a flat buffer; its table lists its blocks shuffled."""
+  blocks = context // BLOCK
+  keys = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(keys[0], (batch, num_heads, HEAD_DIM), DTYPE)
   k, v = (jax.random.normal(key, (batch, num_kv_heads * context, HEAD_DIM), DTYPE)
           for key in keys[1:3])
   order = jax.random.uniform(keys[3], (batch, num_kv_heads, blocks)).argsort(axis=-1)
-  first = jnp.arange(num_kv_heads, dtype=jnp.int32) * blocks
-  tables = jnp.sort(order[..., :listed], axis=-1).astype(jnp.int32) + first[None, :, None]
-  num_tokens = jnp.full((batch, num_kv_heads), listed * BLOCK_SIZE, jnp.int32)
-  return (q, k, v, tables, num_tokens), listed * BLOCK_SIZE
+  first = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None] * blocks
+  return q, k, v, (order + first).astype(jnp.int32)
 
 
-def bench_sparse(preset: dict, repeats: int) -> list[dict]:
-  batch, context = preset["sparse_batch"], preset["sparse_context"]
-  h, kh = HEADS["gqa8"]
-  dense_t = seconds_per_call(jax.jit(shared_kv_decode), *dense_inputs(batch, context, h, kh),
-                             repeats=repeats)
-  impls = {"pallas": jax.jit(block_sparse_decode),
-           "xla": jax.jit(functools.partial(block_sparse_decode_ref, block_size=BLOCK_SIZE))}
+def bench_sparse(preset: dict, args) -> tuple[list[dict], dict]:
+  batch, context = preset["sparse"]
+  h, kh = HEADS["gqa"]
+  q, k, v, tables = sparse_inputs(batch, context, h, kh)
+  impls = lambda counts: {"pallas": (block_sparse_decode, (k, v, tables, counts)),
+                          "xla": (functools.partial(block_sparse_decode_ref, block_size=BLOCK),
+                                  (k, v, tables, counts))}
   rows = []
   for density in DENSITIES:
-    args, tokens = sparse_inputs(batch, context, h, kh, density)
-    nbytes = decode_bytes(batch, tokens, h, kh)
-    for impl, fn in impls.items():
-      t = seconds_per_call(fn, *args, repeats=repeats)
-      rows.append(dict(kernel="block_sparse_decode", impl=impl, heads="gqa8", batch=batch,
-                       context=context, density=density, seconds=t, bytes=nbytes,
-                       gb_per_s=nbytes / t / 1e9, speedup_vs_dense_kernel=dense_t / t))
-      print(f"sparse density={density:<6} {impl:<7s} {1e6 * t:10.1f} us "
-            f"{nbytes / t / 1e9:8.1f} GB/s  x{dense_t / t:5.2f} vs dense", flush=True)
-  return rows
+    counts = jnp.full((batch, kh), int(density * context), jnp.int32)
+    want = highest(block_sparse_decode_ref)(q, k, v, tables, counts, block_size=BLOCK)
+    row = dict(section="sparse", heads="gqa", batch=batch, context=context, density=density)
+    rows += time_and_check(row, impls(counts), q, want,
+                           decode_bytes(batch, density * context, h, kh), args)
+  pallas = [r for r in rows if r["impl"] == "pallas"]
+  per_density, fixed = np.polyfit([r["density"] for r in pallas], [r["seconds"] for r in pallas], 1)
+  full = pallas[0]["seconds"]
+  fit = dict(fixed_s=float(fixed), per_density_s=float(per_density),
+             speedup_vs_density_1={r["density"]: full / r["seconds"] for r in pallas})
+  print(f"sparse fit: t = {1e6 * fixed:.1f} us + density x {1e6 * per_density:.1f} us", flush=True)
+  return rows, fit
+
+
+def bench_big(preset: dict, args) -> list[dict]:
+  """A K/V buffer over 4 GiB: checked on a few sequences against the reference."""
+  batch, context = preset["big"]
+  h, kh = HEADS["gqa"]
+  q, k, v = dense_inputs(4, batch, context, h, kh)
+  lengths = jnp.linspace(1, context, batch).astype(jnp.int32)
+  out = jax.jit(shared_kv_decode)(q, k, v, lengths)
+  errs = {b: max_error(out[b:b + 1], highest(shared_kv_decode_ref)(q[b:b + 1], k[b:b + 1],
+                                                                   v[b:b + 1], lengths[b:b + 1]))
+          for b in (0, batch // 2, batch - 1)}
+  t = device_seconds(shared_kv_decode, (q, k, v, lengths), args.repeats, args.window_s)
+  nbytes = decode_bytes(batch, float(jnp.mean(lengths)), h, kh)
+  row = dict(section="big", impl="pallas", heads="gqa", batch=batch, context=context,
+             buffer_gib=k.nbytes / 2**30, seconds=t, gb_per_s=nbytes / t / 1e9,
+             max_abs_err=max(errs.values()), checked_sequences=list(errs), ok=max(errs.values())
+             < TOLERANCE)
+  print(row, flush=True)
+  return [row]
 
 
 def plot(result: dict) -> None:
-  try:
-    import matplotlib  # noqa: PLC0415 (optional)
-  except ImportError:
-    print("matplotlib not installed: no plot")
-    return
+  import matplotlib  # noqa: PLC0415 (optional, only for the figure)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  dense = [r for r in result["rows"] if r["kernel"] == "shared_kv_decode"]
-  sparse = [r for r in result["rows"] if r["kernel"] == "block_sparse_decode"]
-  fig, axes = plt.subplots(1, len(HEADS) + 1, figsize=(6 * (len(HEADS) + 1), 4.5))
-  for ax, heads in zip(axes, HEADS):
-    for impl, style in (("pallas", "-"), ("xla", "--"), ("jax_decode_attention", ":")):
+  rows = result["rows"]
+  fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+  ax = axes[0]
+  for impl, style in (("pallas", "-"), ("xla", "--"), ("jax_decode_attention", ":")):
+    for heads in HEADS:
       for batch in result["preset"]["batches"]:
-        pts = [(r["context"], r["gb_per_s"]) for r in dense
-               if r["heads"] == heads and r["impl"] == impl and r["batch"] == batch]
+        pts = [(r["context"], r["gb_per_s"]) for r in rows if r["section"] == "dense"
+               and r["impl"] == impl and r["heads"] == heads and r["batch"] == batch]
         if pts:
-          ax.plot(*zip(*pts), style, marker="o", label=f"{impl} B={batch}")
-    ax.axhline(result["copy_gb_per_s"], color="k", lw=1, label="copy bandwidth")
-    ax.set(xscale="log", xlabel="context", ylabel="GB/s", title=f"shared_kv_decode {heads}")
-    ax.legend(fontsize=7)
+          ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {heads} B={batch}")
+  for key, color in (("copy_gb_per_s", "k"), ("read_gb_per_s", "grey")):
+    ax.axhline(result["roofline"][key], color=color, lw=1, label=key.replace("_gb_per_s", ""))
+  ax.set(xscale="log", xlabel="context (= valid length)", ylabel="GB/s of needed K/V",
+         title="shared_kv_decode, bf16, D=128")
+  ax.legend(fontsize=6)
+  ax = axes[1]
+  for impl in ("pallas", "xla", "jax_decode_attention"):
+    pts = [(r["length"], 1e6 * r["seconds"]) for r in rows if r["section"] == "ragged"
+           and r["impl"] == impl and r["fraction"] != "mixed"]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=impl)
+  ax.set(xlabel=f"valid length (capacity {result['preset']['ragged'][1]})", ylabel="us per call",
+         title="ragged: fixed capacity")
+  ax.legend(fontsize=7)
+  ax = axes[2]
   for impl in ("pallas", "xla"):
-    pts = [(r["density"], r["speedup_vs_dense_kernel"]) for r in sparse if r["impl"] == impl]
-    axes[-1].plot(*zip(*pts), marker="o", label=impl)
-  axes[-1].plot(DENSITIES, [1 / d for d in DENSITIES], "k:", label="1/density")
-  axes[-1].set(xscale="log", yscale="log", xlabel="density",
-               ylabel="speedup vs dense Pallas kernel", title="block_sparse_decode")
-  axes[-1].legend(fontsize=7)
+    pts = [(r["density"], 1e6 * r["seconds"]) for r in rows if r["section"] == "sparse"
+           and r["impl"] == impl]
+    ax.plot(*zip(*pts), marker="o", label=impl)
+  fit = result["sparse_fit"]
+  ax.plot(DENSITIES, [1e6 * (fit["fixed_s"] + d * fit["per_density_s"]) for d in DENSITIES],
+          "k:", label="fit: fixed + density x slope")
+  ax.set(xscale="log", yscale="log", xlabel="density", ylabel="us per call",
+         title="block_sparse_decode")
+  ax.legend(fontsize=7)
   save_plot(fig, "kernels")
 
 
@@ -180,16 +289,26 @@ def main() -> None:
   name = args.preset if args.preset != "auto" else (
       "cpu" if jax.default_backend() == "cpu" else "gpu")
   preset = PRESETS[name]
-  copy = copy_bandwidth(preset["copy_mib"], args.repeats)
-  print(f"{jax.devices()[0].device_kind}: copy bandwidth {copy:.1f} GB/s", flush=True)
+  args.window_s = preset["window_s"]
+  t0 = time.perf_counter()
+  roof = roofline(preset["roofline_mib"], args.repeats, args.window_s)
+  print(f"{jax.devices()[0].device_kind}: {roof}", flush=True)
   result = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                 jax_version=jax.__version__, interpret=jax.default_backend() == "cpu",
+                jax_decode_attention="timed on pre-transposed K/V" if jax_decode_attention
+                else "not in this jax: skipped",
                 preset=dict(name=name, **preset), head_dim=HEAD_DIM, dtype=jnp.dtype(DTYPE).name,
-                block_size=BLOCK_SIZE, copy_gb_per_s=copy,
-                rows=bench_dense(preset, args.repeats) + bench_sparse(preset, args.repeats))
-  write_json("kernels", result)
+                block_size=BLOCK, roofline=roof, rows=[])
+  sections = [bench_dense, bench_ragged, bench_sparse] + [bench_big] * bool(preset["big"])
+  for section in sections:  # the JSON is rewritten after each section: a cut run keeps its rows
+    rows = section(preset, args)
+    if section is bench_sparse:
+      rows, result["sparse_fit"] = rows
+    result["rows"] += rows
+    result.update(all_outputs_ok=all(r["ok"] for r in result["rows"]),
+                  wall_s=time.perf_counter() - t0)
+    write_json("kernels", result)
   plot(result)
-
 
 if __name__ == "__main__":
   main()

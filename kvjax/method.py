@@ -55,3 +55,6 @@ class Method:
   kv_filter: Callable[[ModelConfig], Callable[..., nn.Module]] | None = None
   # cfg -> how every layout stores an entry (a method of the ENTRIES role).
   storage: Callable[[ModelConfig], Storage] | None = None
+  # cfg -> what its cache hands the decode kernels at each step: a layout of
+  # `kvjax.pallas_kernels.eligibility` and the rows per block-table entry (None: the kernel's).
+  kernel: Callable[[ModelConfig], tuple[str, int | None]] | None = None

@@ -26,6 +26,7 @@ from kvjax.layers.cache import Layout
 from kvjax.layers.kv_sharing import METHOD as CLA
 from kvjax.method import Method
 from kvjax.moa.method import METHOD as MOA
+from kvjax.pallas_kernels.eligibility import Eligibility, eligibility
 
 METHODS: tuple[Method, ...] = (CLA, MOA, ATTENTION_GATE, EVICTION)
 
@@ -80,11 +81,27 @@ def is_added_param(cfg: ModelConfig, path: tuple[str, ...]) -> bool:
   return False
 
 
+def kernel_eligibility(cfg: ModelConfig, platform: str | None = None) -> Eligibility:
+  """Whether the decode kernel for `cfg`'s cache runs on `platform` (default: this backend)."""
+  layout, block = next((m.kernel(cfg) for m in active(cfg) if m.kernel),
+                       ("stacked" if cfg.scan_layers else "dense", None))
+  rows = cfg.max_seq_len if block is None else -(-cfg.max_seq_len // block) * block
+  return eligibility(platform or jax.default_backend(), layout, num_heads=cfg.num_heads,
+                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim_, rows=rows,
+                     dtype=cfg.cache_dtype, block_size=block)
+
+
+def attention_choice(cfg: ModelConfig) -> tuple[str, str]:
+  """`(impl, why)`: `model.attention_impl` resolved. `auto` is the Pallas kernels where they
+  apply to `cfg`'s cache on this backend (`kernel_eligibility`), else the jnp reference."""
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl, f"model.attention_impl={cfg.attention_impl}"
+  e = kernel_eligibility(cfg)
+  return ("pallas", "auto: the kernel applies") if e.ok else ("xla", f"auto: {e.reason}")
+
+
 def attention_impl(cfg: ModelConfig) -> str:
-  """`model.attention_impl` resolved: `auto` is the Pallas kernels on GPU/TPU, else `xla`."""
-  if cfg.attention_impl == "auto":
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  return cfg.attention_impl
+  return attention_choice(cfg)[0]
 
 
 def storage(cfg: ModelConfig) -> Storage:

@@ -1,59 +1,120 @@
-"""Pallas decode kernels: interpret mode == jnp reference, cross-lowering, the decode loop."""
+"""Pallas decode kernels: interpret mode == a float64 NumPy oracle, cross-lowering for every
+shipped config, the eligibility rules, the decode loop."""
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
+import kvjax
+from kvjax import registry
 from kvjax.decode import SamplingConfig, generate, init_cache
-from kvjax.pallas_kernels import block_sparse_decode, range_tables, shared_kv_decode
+from kvjax.pallas_kernels import (block_sparse_decode, eligibility, range_tables,
+                                  shared_kv_decode)
 from kvjax.pallas_kernels.block_sparse_decode_ref import block_sparse_decode_ref
-from kvjax.pallas_kernels.shared_kv_decode_ref import shared_kv_decode_ref
+from kvjax.pallas_kernels.blocked_decode import blocked_decode
+from kvjax.pallas_kernels.coverage import abstract_call, config_cases
 from tests.helpers import random_tokens, tiny_model
 
-# Jitted once per shape: eager op-by-op dispatch costs more than the work at these sizes.
-shared_kv_decode_ref = jax.jit(shared_kv_decode_ref)
-block_sparse_decode_ref = jax.jit(block_sparse_decode_ref, static_argnames="block_size")
-
 BS = 16  # block size in interpret-mode tests
-BOUNDARY_LENGTHS = (0, 1, BS - 1, BS, BS + 1)
 BACKENDS = ("triton", "mosaic_tpu")
+# The oracle is float64 NumPy, so float32 tolerances hold on GPUs whose XLA dots default to
+# TF32 (Hopper); bf16 tolerances cover the kernels' bf16 probabilities in the P @ V product.
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-# (KV heads, query heads per KV head, head dim): GQA, MQA (CLA buffers are MQA/GQA too), MHA.
-HEADS = {"gqa4": (2, 4, 32), "mqa8": (1, 8, 64), "mha": (3, 1, 32)}
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
 
 
 def normal(seed, shape, dtype):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
-def assert_close(out, ref, dtype):
-  assert out.shape == ref.shape and out.dtype == ref.dtype
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             atol=TOL[dtype], rtol=TOL[dtype])
+def attention_oracle(q_GxD, k_TxD, v_TxD):
+  """Softmax attention in float64 NumPy: shares no code with kvjax; no keys gives zeros."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_GxD, k_TxD, v_TxD))
+  if not len(k):
+    return np.zeros_like(q)
+  logits = q @ k.T / np.sqrt(q.shape[-1])
+  p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return (p / p.sum(axis=-1, keepdims=True)) @ v
 
 
-# Every head layout and dtype in each backend; split counts from one to more splits than blocks.
-CASES = [("triton", "gqa4", jnp.float32, 2), ("triton", "mqa8", jnp.bfloat16, 8),
-         ("triton", "mha", jnp.float32, 1), ("mosaic_tpu", "gqa4", jnp.bfloat16, 3),
-         ("mosaic_tpu", "mqa8", jnp.float32, 1), ("mosaic_tpu", "mha", jnp.bfloat16, 2)]
+def dense_oracle(q_BxHxD, k_BxSxKxD, v_BxSxKxD, lengths):
+  b, h, _ = q_BxHxD.shape
+  g = h // k_BxSxKxD.shape[2]
+  return np.stack([np.stack([attention_oracle(q_BxHxD[i, j:j + 1], k_BxSxKxD[i, :n, j // g],
+                                              v_BxSxKxD[i, :n, j // g])[0]
+                             for j in range(h)]) for i, n in enumerate(lengths)])
 
 
-@pytest.mark.parametrize("backend, heads, dtype, splits", CASES,
-                         ids=[f"{b}-{h}-{jnp.dtype(t).name}-p{p}" for b, h, t, p in CASES])
-def test_shared_kv_decode_matches_reference(backend, heads, dtype, splits):
-  """Lengths at block boundaries (0 gives zeros) and a full cache of a non-block-multiple size."""
-  k, g, d = HEADS[heads]
-  s = 3 * BS - 8
-  lengths = jnp.array([*BOUNDARY_LENGTHS, s], jnp.int32)
-  b = lengths.shape[0]
-  q, kc, vc = (normal(i, shape, dtype) for i, shape in
-               enumerate([(b, k * g, d), (b, s, k, d), (b, s, k, d)]))
-  out = shared_kv_decode(q, kc, vc, lengths, block_size=BS, num_splits=splits, backend=backend)
-  assert_close(out, shared_kv_decode_ref(q, kc, vc, lengths), dtype)
+def assert_close(out, want, dtype):
+  assert out.dtype == dtype
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# -------------------------------------------------------------------------------------------
+# Interpret mode == the oracle. Lengths at block boundaries, empty and full heads; head dims
+# that are not powers of two or lane multiples; GQA, MQA, MHA; float32 groups on both Triton
+# paths (FMA below 16 rows, dot at 16).
+
+# (KV heads, query heads per KV head, head dim, dtype)
+HEADS = {"gqa-d24-f32": (2, 4, 24, jnp.float32), "mqa-d80-bf16": (1, 8, 80, jnp.bfloat16),
+         "mha-d64-bf16": (3, 1, 64, jnp.bfloat16), "gqa16-d128-f32": (2, 16, 128, jnp.float32)}
+
+
+def dense_inputs(heads, s, lengths, lead=()):
+  k, g, d, dtype = HEADS[heads]
+  b = len(lengths)
+  return (normal(0, (b, k * g, d), dtype), normal(1, (*lead, b, s, k, d), dtype),
+          normal(2, (*lead, b, s, k, d), dtype), jnp.asarray(lengths, jnp.int32))
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_kv_decode_matches_oracle(backend, heads):
+  """A capacity that is not a block multiple, so the last block is partial (a rounded-up DMA
+  on TPU, masked loads on GPU); splits from the default to more than a head has blocks."""
+  s = 3 * BS - 5
+  lengths = [0, 1, BS - 1, BS, BS + 1, s]
+  q, k, v, lens = dense_inputs(heads, s, lengths)
+  dtype = HEADS[heads][3]
+  want = dense_oracle(q, k, v, lengths)
+  for splits in (None, 4):
+    out = shared_kv_decode(q, k, v, lens, block_size=BS, num_splits=splits, backend=backend)
+    assert_close(out, want, dtype)
   np.testing.assert_array_equal(out[0], 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stack_is_read_at_its_index(backend):
+  """A `[G, B, S, K, D]` stack read at a traced index == that layer's oracle."""
+  lengths = [5, 2 * BS]
+  q, k, v, lens = dense_inputs("gqa-d24-f32", 2 * BS, lengths, lead=(3,))
+  read = jax.jit(functools.partial(shared_kv_decode, block_size=BS, backend=backend))
+  for layer in (0, 2):
+    out = read(q, k, v, lens, stack_index=jnp.int32(layer))
+    assert_close(out, dense_oracle(q, k[layer], v[layer], lengths), jnp.float32)
+
+
+@pytest.mark.parametrize("dma_mode", ["eager", "on_wait"])
+def test_tpu_chunks_double_buffer(dma_mode):
+  """Several chunks per head and a split: eager DMAs would overwrite a buffer still being read,
+  on-wait DMAs would leave one unread, if the prefetch and the waits were out of step."""
+  k, g, d, dtype = 3, 3, 64, jnp.bfloat16
+  s, lengths = 7 * BS + 3, [0, 2 * BS, 5 * BS + 1, 7 * BS + 3]
+  b = len(lengths)
+  q, kc, vc = normal(0, (b, k * g, d), dtype), normal(1, (b, s, k, d), dtype), normal(
+      2, (b, s, k, d), dtype)
+  counts = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32)[:, None], (b, k))
+  params = pltpu.InterpretParams(dma_execution_mode=dma_mode, out_of_bounds_reads="uninitialized")
+  for splits in (1, 2):
+    out = blocked_decode(q, kc.reshape(1, b, s, k * d), vc.reshape(1, b, s, k * d), 0, counts,
+                         None, layout="dense", block_size=BS, num_splits=splits,
+                         backend="mosaic_tpu", interpret=params, blocks_per_chunk=2)
+    assert_close(out, dense_oracle(q, kc, vc, lengths), dtype)
 
 
 def moa_like_layout(b, k, d, dtype, sizes_blocks):
@@ -66,128 +127,150 @@ def moa_like_layout(b, k, d, dtype, sizes_blocks):
   return kf, vf, tables, starts
 
 
+def flat_oracle(q_BxHxD, k_BxNxD, v_BxNxD, starts, num_tokens):
+  b, h, _ = q_BxHxD.shape
+  k = num_tokens.shape[1]
+  g = h // k
+  out = np.zeros(q_BxHxD.shape)
+  for i in range(b):
+    for kh in range(k):
+      rows = slice(starts[kh] * BS, starts[kh] * BS + num_tokens[i, kh])
+      out[i, kh * g:(kh + 1) * g] = attention_oracle(q_BxHxD[i, kh * g:(kh + 1) * g],
+                                                     k_BxNxD[i, rows], v_BxNxD[i, rows])
+  return out
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_block_sparse_matches_reference_on_flat_buffer(backend, dtype):
-  """Heads of different sizes in one buffer; counts empty, at block boundaries and full."""
-  k, g, d = 4, 2, 32
-  sizes = [1, 3, 2, 3]
-  kf, vf, tables, _ = moa_like_layout(3, k, d, dtype, sizes)
-  num_tokens = jnp.array([[0, BS - 1, BS, 3 * BS],      # empty, boundaries, full list
-                          [1, BS + 1, 2 * BS, 0],
-                          [BS, 3 * BS, BS + 1, 2 * BS - 1]], jnp.int32)
+def test_block_sparse_matches_oracle_on_flat_buffer(backend, dtype):
+  """Heads of different sizes in one buffer (head dim 24); counts empty, at block boundaries,
+  full."""
+  k, g, d = 4, 2, 24
+  kf, vf, tables, starts = moa_like_layout(3, k, d, dtype, [1, 3, 2, 3])
+  num_tokens = np.array([[0, BS - 1, BS, 3 * BS],      # empty, boundaries, full list
+                         [1, BS + 1, 2 * BS, 0],
+                         [BS, 3 * BS, BS + 1, 2 * BS - 1]])
   q = normal(12, (3, k * g, d), dtype)
-  out = block_sparse_decode(q, kf, vf, tables, num_tokens, block_size=BS, num_splits=2,
-                            backend=backend)
-  assert_close(out, block_sparse_decode_ref(q, kf, vf, tables, num_tokens, block_size=BS), dtype)
+  out = block_sparse_decode(q, kf, vf, tables, jnp.asarray(num_tokens), block_size=BS,
+                            num_splits=2, backend=backend)
+  assert_close(out, flat_oracle(q, kf, vf, starts, num_tokens), dtype)
 
 
-def numpy_attention(q_GxD, k_TxD, v_TxD):
-  """Softmax attention in float64 NumPy: an oracle that shares no code with kvjax."""
-  if not len(k_TxD):
-    return np.zeros_like(q_GxD)
-  logits = q_GxD @ k_TxD.T / np.sqrt(q_GxD.shape[-1])
-  p = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return (p / p.sum(axis=-1, keepdims=True)) @ v_TxD
-
-
-def test_block_sparse_reference_equals_per_head_attention():
-  """The reference attends exactly to each head's own first `num_tokens` rows."""
+def test_block_sparse_reference_matches_oracle():
+  """The jnp reference (the xla path of the flat caches) attends to each head's own rows."""
   k, g, d = 3, 2, 32
-  sizes = [2, 1, 3]
-  kf, vf, tables, starts = moa_like_layout(2, k, d, jnp.float32, sizes)
+  kf, vf, tables, starts = moa_like_layout(2, k, d, jnp.float32, [2, 1, 3])
   num_tokens = np.array([[20, 9, 48], [32, 0, 1]])
   q = normal(13, (2, k * g, d), jnp.float32)
-  out = block_sparse_decode_ref(q, kf, vf, tables, jnp.asarray(num_tokens), block_size=BS)
-  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, kf, vf))
-  for b in range(2):
-    for h in range(k):
-      rows = slice(starts[h] * BS, starts[h] * BS + num_tokens[b, h])
-      want = numpy_attention(q64[b, h * g:(h + 1) * g], k64[b, rows], v64[b, rows])
-      np.testing.assert_allclose(out[b, h * g:(h + 1) * g], want, atol=1e-5)
+  with jax.default_matmul_precision("highest"):
+    out = block_sparse_decode_ref(q, kf, vf, tables, jnp.asarray(num_tokens), block_size=BS)
+  np.testing.assert_allclose(out, flat_oracle(q, kf, vf, starts, num_tokens), atol=1e-5)
 
 
-def test_block_sparse_over_dense_cache_equals_shared_kv_reference():
-  """All blocks listed in order == the dense kernel's contract (sparse == dense masked)."""
-  b, s, k, g, d = 3, 4 * BS, 2, 4, 32
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_sparse_over_dense_cache_equals_dense_oracle(backend):
+  """Per-head tables over `[B, N, K, D]`, every block listed in order == dense masked."""
+  b, s, k, g, d = 2, 4 * BS, 2, 2, 128
   q, kc, vc = (normal(i, shape, jnp.float32) for i, shape in
                enumerate([(b, k * g, d), (b, s, k, d), (b, s, k, d)]))
-  lengths = jnp.array([0, BS + 1, s], jnp.int32)
+  lengths = [BS + 1, s]
   tables = range_tables(jnp.zeros((b, k), jnp.int32), s // BS)
-  out = block_sparse_decode(q, kc, vc, tables, jnp.broadcast_to(lengths[:, None], (b, k)),
-                            block_size=BS)
-  np.testing.assert_allclose(out, shared_kv_decode_ref(q, kc, vc, lengths), atol=2e-5)
+  counts = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32)[:, None], (b, k))
+  out = block_sparse_decode(q, kc, vc, tables, counts, block_size=BS, backend=backend)
+  assert_close(out, dense_oracle(q, kc, vc, lengths), jnp.float32)
 
 
-def test_unlisted_blocks_are_never_used():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unlisted_blocks_are_never_used(backend):
   """NaNs in every block outside the lists (and past the counts) do not reach the output."""
   k, g, d = 2, 2, 32
-  kf, vf, tables, _ = moa_like_layout(1, k, d, jnp.float32, [2, 2])
+  kf, vf, tables, starts = moa_like_layout(1, k, d, jnp.float32, [2, 2])
   poison = jnp.zeros((1, 6 * BS, d)).at[:, 4 * BS:].set(jnp.nan)
   kf, vf = (jnp.concatenate([x, jnp.zeros((1, 2 * BS, d))], axis=1) + poison for x in (kf, vf))
-  num_tokens = jnp.array([[BS + 3, 2 * BS]], jnp.int32)
+  num_tokens = np.array([[BS + 3, 2 * BS]])
   kf = kf.at[:, BS + 3:2 * BS].set(jnp.nan)  # past head 0's count, inside its last block
   q = normal(14, (1, k * g, d), jnp.float32)
-  out = block_sparse_decode(q, kf, vf, tables, num_tokens, block_size=BS)
-  assert np.isfinite(np.asarray(out)).all()
-  np.testing.assert_allclose(
-      out, block_sparse_decode_ref(q, jnp.nan_to_num(kf), vf, tables, num_tokens, block_size=BS),
-      atol=2e-5)
+  out = block_sparse_decode(q, kf, vf, tables, jnp.asarray(num_tokens), block_size=BS,
+                            backend=backend)
+  assert_close(out, flat_oracle(q, kf, vf, starts, num_tokens), jnp.float32)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(block_size=24), "power of two >= 16"),
-    (dict(block_size=8), "power of two >= 16"),
-    (dict(backend="cuda"), "backend must be one of triton, mosaic_tpu"),
-])
-def test_bad_options_are_rejected(kwargs, match):
-  q, kc = jnp.zeros((1, 4, 32)), jnp.zeros((1, 32, 2, 32))
-  with pytest.raises(ValueError, match=match):
-    shared_kv_decode(q, kc, kc, jnp.array([3]), **kwargs)
+# -------------------------------------------------------------------------------------------
+# Eligibility: one line saying why not, per platform, layout and shape.
+
+ELIGIBILITY = [
+    # platform, layout, (H, K, D, rows, dtype, block_size), reason fragment ("" = eligible)
+    ("cuda", "dense", (8, 2, 24, 500, "float32", None), ""),
+    ("gpu", "stacked", (9, 3, 80, 512, "bfloat16", None), ""),
+    ("tpu", "dense", (9, 3, 64, 500, "bfloat16", None), ""),
+    ("tpu", "stacked", (12, 12, 24, 5, "float32", None), ""),
+    ("tpu", "flat", (9, 3, 64, 3 * 256, "bfloat16", 64), ""),
+    ("tpu", "dense_blocks", (8, 2, 128, 256, "float32", 64), ""),
+    ("cuda", "dense_blocks", (8, 2, 64, 256, "float32", 64), ""),
+    ("cpu", "dense", (8, 2, 64, 256, "float32", None), "no Pallas kernel backend on CPU"),
+    ("rocm", "dense", (8, 2, 64, 256, "float32", None), "no Pallas decode kernel for platform"),
+    ("tpu", "dense", (8, 2, 64, 256, "float16", None), "cache dtype float16 is not supported"),
+    ("cuda", "paged", (8, 2, 64, 256, "float32", None), "unknown cache layout 'paged'"),
+    ("cuda", "dense", (6, 4, 64, 256, "float32", None), "must be a multiple of KV heads"),
+    ("cuda", "flat", (8, 2, 64, 256, "float32", 24), "power of two >= 16"),
+    ("cuda", "dense", (8, 2, 512, 256, "bfloat16", None), "head_dim 512 exceeds 256"),
+    ("tpu", "flat", (8, 2, 64, 200, "float32", 64), "rows (200) must be a whole number"),
+    ("tpu", "dense_blocks", (8, 2, 64, 256, "float32", 64), "need head_dim % 128 == 0"),
+]
 
 
-def test_bad_shapes_are_rejected():
-  q = jnp.zeros((1, 6, 32))
-  with pytest.raises(ValueError, match="multiple of KV heads"):
-    shared_kv_decode(q, jnp.zeros((1, 32, 4, 32)), jnp.zeros((1, 32, 4, 32)), jnp.array([3]))
+@pytest.mark.parametrize("platform, layout, shape, reason", ELIGIBILITY,
+                         ids=[f"{p}-{lay}-{r[:12] or 'ok'}" for p, lay, _, r in ELIGIBILITY])
+def test_eligibility(platform, layout, shape, reason):
+  h, k, d, rows, dtype, block_size = shape
+  verdict = eligibility(platform, layout, num_heads=h, num_kv_heads=k, head_dim=d, rows=rows,
+                        dtype=dtype, block_size=block_size)
+  assert verdict.ok == (not reason)
+  assert reason in verdict.reason and "\n" not in verdict.reason
+
+
+def test_kernels_refuse_what_eligibility_refuses():
+  """The wrappers raise the eligibility reason for their backend, and reject unknown backends."""
+  q, kc = jnp.zeros((1, 4, 64)), jnp.zeros((1, 32, 2, 64))
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    shared_kv_decode(q, kc, kc, jnp.array([3]), block_size=24)
+  with pytest.raises(ValueError, match="backend must be one of triton, mosaic_tpu"):
+    shared_kv_decode(q, kc, kc, jnp.array([3]), backend="cuda")
+  with pytest.raises(ValueError, match="must be a multiple of KV heads"):
+    shared_kv_decode(jnp.zeros((1, 3, 64)), kc, kc, jnp.array([3]))
+  with pytest.raises(ValueError, match="need head_dim % 128 == 0 on tpu"):
+    block_sparse_decode(q, kc, kc, jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32),
+                        block_size=16, backend="mosaic_tpu")
   with pytest.raises(ValueError, match="must agree on"):
-    block_sparse_decode(q, jnp.zeros((1, 32, 32)), jnp.zeros((1, 32, 32)),
+    block_sparse_decode(q, jnp.zeros((1, 32, 64)), jnp.zeros((1, 32, 64)),
                         jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 3), jnp.int32))
 
 
 # -------------------------------------------------------------------------------------------
-# Cross-lowering from the CPU: the real Triton / Mosaic shape rules, which interpret mode skips.
+# Cross-lowering from the CPU: the real Triton / Mosaic shape rules, which interpret mode skips,
+# for every cache layout of every shipped config, in bf16 and f32.
 
 PLATFORM_BACKEND = {"cuda": "triton", "tpu": "mosaic_tpu"}
 
 
-def lowers(fn, platform, *args):
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-  assert "custom_call" in text
+@functools.cache
+def lower(platform, case, dtype):
+  fn, args = abstract_call(case, dtype, PLATFORM_BACKEND[platform])
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("heads", [(8, 8), (1, 32), (4, 1)], ids=["gqa8", "mqa32", "mha"])
-@pytest.mark.parametrize("platform", list(PLATFORM_BACKEND))
-def test_kernels_cross_lower(platform, heads, dtype):
-  k, g = heads
-  b, s, d = 2, 1000, 128
-  sds = jax.ShapeDtypeStruct
-  opts = dict(backend=PLATFORM_BACKEND[platform], interpret=False)
-  q = sds((b, k * g, d), dtype)
-  lowers(functools.partial(shared_kv_decode, **opts), platform, q, sds((b, s, k, d), dtype),
-         sds((b, s, k, d), dtype), sds((b,), jnp.int32))
-  lowers(functools.partial(block_sparse_decode, **opts), platform, q, sds((b, 4096, d), dtype),
-         sds((b, 4096, d), dtype), sds((b, k, 16), jnp.int32), sds((b, k), jnp.int32))
-
-
-def test_tpu_lowering_rejects_narrow_heads_in_a_dense_cache():
-  """Mosaic needs 128-lane blocks: the dense view with D=64 and K>1 must fail loudly."""
-  sds = jax.ShapeDtypeStruct
-  f = functools.partial(shared_kv_decode, backend="mosaic_tpu", interpret=False)
-  with pytest.raises(ValueError, match="divisible by 8 and 128"):
-    lowers(f, "tpu", sds((1, 4, 64), jnp.float32), sds((1, 256, 2, 64), jnp.float32),
-           sds((1, 256, 2, 64), jnp.float32), sds((1,), jnp.int32))
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_config_is_eligible_and_lowers(path):
+  """Every cache layout of every config in configs/: a new config is covered without anyone
+  listing it here."""
+  for case in config_cases(kvjax.load_config(path).model):
+    for platform in PLATFORM_BACKEND:
+      for dtype in ("float32", "bfloat16"):
+        verdict = eligibility(platform, case.layout, num_heads=case.num_heads,
+                              num_kv_heads=case.num_kv_heads, head_dim=case.head_dim,
+                              rows=case.rows, dtype=dtype, block_size=case.block_size)
+        assert verdict.ok, (case, platform, dtype, verdict.reason)
+        assert "blocked_decode" in lower(platform, case, dtype)
 
 
 # -------------------------------------------------------------------------------------------
@@ -206,3 +289,26 @@ def test_generate_tokens_identical_with_xla_and_pallas():
                          rng=jax.random.key(0), cache=init_cache(cfg.model, 2, 16),
                          sampling=SamplingConfig()))
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+
+
+# -------------------------------------------------------------------------------------------
+# `model.attention_impl=auto`: the kernels where the config's cache meets their rules.
+
+
+@pytest.mark.parametrize("overrides, platform, impl", [
+    ((), "cuda", "pallas"),
+    ((), "tpu", "pallas"),
+    ((), "cpu", "xla"),
+    (("model.scan_layers=true",), "tpu", "pallas"),  # the stack, read in place
+    (("model.eviction.policy=h2o",), "cuda", "pallas"),  # compacted flat rows, 64-row blocks
+    (("model.head_dim=288",), "cuda", "xla"),  # beyond the Triton kernel's shared-memory blocks
+    (("model.cache_dtype=float16",), "tpu", "xla"),
+])
+def test_auto_picks_the_kernel_only_where_it_applies(overrides, platform, impl):
+  cfg = kvjax.load_config(None, ["model.d_model=64", "model.num_heads=4", "model.num_kv_heads=2",
+                                 *overrides]).model
+  e = registry.kernel_eligibility(cfg, platform)
+  assert ("pallas" if e.ok else "xla") == impl
+  assert e.ok == (e.reason == "") and "\n" not in e.reason
+  if platform == "cpu":  # this machine: auto falls back, and says why
+    assert registry.attention_choice(cfg) == ("xla", f"auto: {e.reason}")

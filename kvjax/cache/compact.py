@@ -26,9 +26,9 @@ import numpy as np
 from kvjax.cache.flat import FlatHeads
 from kvjax.cache.storage import Storage
 from kvjax.layers.cache import Chunk, Layout
+from kvjax.pallas_kernels.eligibility import TABLE_BLOCK  # rows per kernel block: heads align
 
 EMPTY = 2**30  # position of an unused row: after every query
-PALLAS_BLOCK = 64  # rows per block of the block-sparse decode kernel; head sizes align to it
 
 
 def _visible(pos_BxS: jax.Array, q_pos_BxT: jax.Array) -> jax.Array:
@@ -95,7 +95,7 @@ class CompactLayout(Layout):
     k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
       num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT)[:, 0])
-      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, PALLAS_BLOCK), self
+      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, TABLE_BLOCK), self
     mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT)
     return self.heads.attend(q_BxTxHxD, k_BxNxD, v_BxNxD, mask_of), self
 
@@ -124,7 +124,7 @@ def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, s
                    ) -> CompactLayout:
   """Every head with room for `max_len` tokens: what prefill needs before the choice is made;
   `finish_prefill` shrinks it."""
-  align = PALLAS_BLOCK if impl == "pallas" else 1
+  align = TABLE_BLOCK if impl == "pallas" else 1
   size = -(-max_len // align) * align
   heads = FlatHeads((size,) * num_kv_heads)
   return CompactLayout(k=heads.zeros(batch, head_dim, storage),

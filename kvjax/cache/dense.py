@@ -106,11 +106,15 @@ class StackedLayout(Layout):
                                             v=stack.storage.put(stack.v, at, chunk.v)))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, StackedLayout]:
-    stack = self.stack
-    take = lambda buf: stack.storage.read(jax.tree.map(
-        lambda x: jax.lax.dynamic_index_in_dim(x, self.index, keepdims=False), buf))
-    out = dense_attend(q_BxTxHxD, take(stack.k), take(stack.v), chunk.positions, stack.impl)
-    return out, self
+    """The kernel reads the group's buffer in place; the reference slices it out."""
+    stack, positions_BxT = self.stack, chunk.positions
+    k, v = stack.storage.read(stack.k), stack.storage.read(stack.v)
+    if q_BxTxHxD.shape[1] == 1 and stack.impl == "pallas":
+      out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], k, v, positions_BxT[:, 0] + 1,
+                                   stack_index=self.index)
+      return out_BxHxD[:, None], self
+    take = lambda x: jax.lax.dynamic_index_in_dim(x, self.index, keepdims=False)
+    return dense_attend(q_BxTxHxD, take(k), take(v), positions_BxT, "xla"), self
 
 
 def stacked_cache(groups: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,

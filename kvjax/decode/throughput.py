@@ -66,10 +66,12 @@ def measure(model: nn.Module, params, cfg: ModelConfig, *, batch: int, prompt_le
   run()
   prefill_s, decode_s, nbytes, per_device = run()
   steps = gen_len - 1
+  impl, why = registry.attention_choice(cfg)
   return {
       "method": registry.method_tag(cfg),
       "methods": registry.settings(cfg),
-      "attention_impl": registry.attention_impl(cfg),
+      "attention_impl": impl,
+      "attention_impl_why": why,
       "params": param_count(params),
       "batch": batch,
       "prompt_len": prompt_len,

@@ -10,6 +10,7 @@ from kvjax.config import ModelConfig
 from kvjax.eviction.layout import EvictionLayout, eviction_layout
 from kvjax.layers.kv_sharing import readers
 from kvjax.method import TOKENS, Method
+from kvjax.pallas_kernels.eligibility import TABLE_BLOCK
 
 
 def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str,
@@ -27,4 +28,4 @@ METHOD = Method(
     tag=lambda cfg: f"{cfg.eviction.policy}@{cfg.eviction.keep_ratio:g}",
     models=("llama", "block_transformer"),
     scan_why="its prefill buffers and compacted caches are per layer (unroll the layers)",
-    shards_kv_heads=False, layouts=_layouts)
+    shards_kv_heads=False, layouts=_layouts, kernel=lambda cfg: ("flat", TABLE_BLOCK))

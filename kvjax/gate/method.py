@@ -12,6 +12,7 @@ from kvjax.cache.storage import Storage
 from kvjax.config import ModelConfig
 from kvjax.gate.layer import AttentionGate
 from kvjax.method import TOKENS, Method
+from kvjax.pallas_kernels.eligibility import TABLE_BLOCK
 
 
 def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str,
@@ -31,4 +32,5 @@ METHOD = Method(
     scan_why="its compacted caches differ from layer to layer, so they cannot be stacked "
              "(unroll the layers)",
     shards_kv_heads=False, param_scope=("attn", "filter"), layouts=_layouts,
-    kv_filter=lambda cfg: functools.partial(AttentionGate, cfg))
+    kv_filter=lambda cfg: functools.partial(AttentionGate, cfg),
+    kernel=lambda cfg: ("flat", TABLE_BLOCK))

@@ -24,4 +24,5 @@ METHOD = Method(
     shards_kv_heads=False, check=_check,
     layouts=lambda cfg, batch, max_len, impl, storage: ring_layouts(
         cfg, load_plan(cfg.moa.plan), batch, max_len, impl, storage),
-    sequence_layouts=lambda cfg: window_layouts(cfg, load_plan(cfg.moa.plan)))
+    sequence_layouts=lambda cfg: window_layouts(cfg, load_plan(cfg.moa.plan)),
+    kernel=lambda cfg: ("flat", cfg.moa.block_size))

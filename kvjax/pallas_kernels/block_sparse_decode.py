@@ -17,7 +17,8 @@ The two caches this serves:
   (`range_tables`), `num_tokens = min(tokens written, size_h)`.
 - Attention-Gate: a layer's compacted survivors `[B, K, L, D]`, viewed as `[B, K*L, D]`. Table
   row: `h*L/block_size + arange(M)`, `num_tokens` = survivors kept for that head.
-On TPU the tables are scalar-prefetched into SMEM: keep `B*K*M` int32s well under its size.
+On TPU the tables are scalar-prefetched into SMEM: keep `B*K*M` int32s well under its size;
+`eligibility(platform, "flat" or "dense_blocks", ...)` says where the kernel applies.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.pallas_kernels.blocked_decode import blocked_decode
+from kvjax.pallas_kernels.eligibility import TABLE_BLOCK
 
 
 def range_tables(first_block_BxK: jax.Array, max_blocks: int) -> jax.Array:
@@ -40,8 +42,8 @@ def flat_rows(x: jax.Array) -> jax.Array:
 
 def block_sparse_decode(q_BxHxD: jax.Array, k: jax.Array, v: jax.Array,
                         block_tables_BxKxM: jax.Array, num_tokens_BxK: jax.Array, *,
-                        block_size: int = 64, num_splits: int | None = None,
-                        backend: str | None = None, interpret: bool | None = None) -> jax.Array:
+                        block_size: int = TABLE_BLOCK, num_splits: int | None = None,
+                        backend: str | None = None, interpret=None) -> jax.Array:
   """One query per sequence over each KV head's listed blocks; returns `[B, H, D]`.
 
   Keyword options as in `blocked_decode`.
@@ -52,7 +54,7 @@ def block_sparse_decode(q_BxHxD: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"block_tables {block_tables_BxKxM.shape} and num_tokens "
                      f"{num_tokens_BxK.shape} must agree on [B, K]")
   capacity = block_tables_BxKxM.shape[2] * block_size
-  return blocked_decode(q_BxHxD, flat_rows(k), flat_rows(v),
+  return blocked_decode(q_BxHxD, flat_rows(k)[None], flat_rows(v)[None], 0,
                         jnp.minimum(num_tokens_BxK, capacity), block_tables_BxKxM,
-                        block_size=block_size, num_splits=num_splits, backend=backend,
-                        interpret=interpret)
+                        layout="flat" if k.ndim == 3 else "dense_blocks", block_size=block_size,
+                        num_splits=num_splits, backend=backend, interpret=interpret)

@@ -1,8 +1,9 @@
 """Layout-agnostic decode attention over lists of K/V blocks; both public kernels call this.
 
-K/V buffers are `[B, N, C*D]`: N rows (token slots) per sequence, C column groups of D lanes.
-Either C == K, one column group per KV head (a dense `[B, S, K, D]` cache viewed without a
-copy), or C == 1, one flat row buffer whose rows the heads share by disjoint row ranges.
+K/V buffers are `[L, B, N, C]`: L layers of a stack (1 for a single layer's buffers) read at
+`layer` in place, N rows (token slots) per sequence, C columns. Either C == K*D, one D-column
+group per KV head (a dense `[B, S, K, D]` cache viewed without a copy), or C == D, one flat row
+buffer whose rows the heads share by disjoint row ranges.
 The keys of (sequence b, KV head h) are the rows of blocks `table[b, h, 0], table[b, h, 1], ...`
 (block j = rows `[j*block_size, (j+1)*block_size)`; no table means block j is the j-th block of
 rows), taken in that order, of which the first `num_tokens[b, h]` are valid. Blocks past
@@ -16,53 +17,64 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.pallas_kernels.decode_gpu import decode_partials_gpu
-from kvjax.pallas_kernels.decode_tpu import decode_partials_tpu
-from kvjax.pallas_kernels.split_k import combine_splits, default_num_splits, group_queries
+from kvjax.pallas_kernels.decode_gpu import decode_gpu
+from kvjax.pallas_kernels.decode_tpu import decode_tpu, tpu_interpret_params
+from kvjax.pallas_kernels.eligibility import BACKEND_PLATFORM, eligibility
 
-BACKENDS = ("triton", "mosaic_tpu")
+NATIVE_BACKEND = {"gpu": "triton", "tpu": "mosaic_tpu"}
+DENSE_GPU_BLOCK = 64
 
 
 def default_backend() -> str:
   """Mosaic on TPU, Triton elsewhere (on CPU the Triton program runs in interpret mode)."""
-  return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
+  return NATIVE_BACKEND.get(jax.default_backend(), "triton")
 
 
-def check_block_size(block_size: int) -> None:
-  if block_size < 16 or block_size & (block_size - 1):
-    raise ValueError(f"block_size must be a power of two >= 16 (Triton's shape rules), "
-                     f"got {block_size}")
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "backend", "interpret"))
-def blocked_decode(q_BxHxD: jax.Array, k_BxNxCD: jax.Array, v_BxNxCD: jax.Array,
-                   num_tokens_BxK: jax.Array, table_BxKxM: jax.Array | None, *, block_size: int,
-                   num_splits: int | None = None, backend: str | None = None,
-                   interpret: bool | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("layout", "block_size", "num_splits", "backend",
+                                             "interpret", "blocks_per_chunk"))
+def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxC: jax.Array, v_LxBxNxC: jax.Array,
+                   layer: jax.Array, num_tokens_BxK: jax.Array, table_BxKxM: jax.Array | None, *,
+                   layout: str, block_size: int | None, num_splits: int | None = None,
+                   backend: str | None = None, interpret=None,
+                   blocks_per_chunk: int | None = None) -> jax.Array:
   """One query token per sequence against each KV head's block list; returns `[B, H, D]`.
 
-  num_splits: splits of each (sequence, KV head)'s block list, combined by log-sum-exp
-    (default: enough programs to fill a GPU).
+  layout: the cache layout's name in `eligibility` (checked against the backend's rules).
+  block_size: rows per block (table entry); None for a dense buffer: 64 rows on GPU, larger
+    DMA blocks on TPU.
+  num_splits: splits of each (sequence, head)'s blocks, combined by log-sum-exp (default per
+    backend: enough programs to fill a GPU; one per program on TPU).
   backend: `triton` | `mosaic_tpu` (default: the one for the default device).
-  interpret: run the Pallas interpreter (default: on a CPU backend).
+  interpret: run the Pallas interpreter (default: when the device is not the backend's). The
+    TPU program runs in TPU interpret mode (simulated DMAs and semaphores); reads of a tile's
+    padding past an array's end return NaN there, as uninitialised padding may on a TPU.
+  blocks_per_chunk: TPU only, blocks per DMA chunk (default: up to 1024 rows or the VMEM budget).
   """
   b, h, d = q_BxHxD.shape
   k = num_tokens_BxK.shape[1]
-  check_block_size(block_size)
-  if k_BxNxCD.shape != v_BxNxCD.shape or k_BxNxCD.shape[2] not in (d, k * d):
-    raise ValueError(f"K/V buffers must share a [B, N, K*D] or [B, N, D] shape with D={d}, K={k}; "
-                     f"got {k_BxNxCD.shape} and {v_BxNxCD.shape}")
   backend = backend or default_backend()
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+  if backend not in BACKEND_PLATFORM:
+    raise ValueError(f"backend must be one of {', '.join(BACKEND_PLATFORM)}, got {backend!r}")
+  if k_LxBxNxC.shape != v_LxBxNxC.shape or k_LxBxNxC.shape[3] not in (d, k * d):
+    raise ValueError(f"K/V buffers must share a [.., N, K*D] or [.., N, D] shape with D={d}, "
+                     f"K={k}; got {k_LxBxNxC.shape} and {v_LxBxNxC.shape}")
+  verdict = eligibility(BACKEND_PLATFORM[backend], layout, num_heads=h, num_kv_heads=k,
+                        head_dim=d, rows=k_LxBxNxC.shape[2], dtype=k_LxBxNxC.dtype,
+                        block_size=block_size)
+  if not verdict.ok:
+    raise ValueError(verdict.reason)
   if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  max_blocks = -(-k_BxNxCD.shape[1] // block_size) if table_BxKxM is None else table_BxKxM.shape[2]
-  num_splits = num_splits or default_num_splits(b, k, max_blocks)
-  partials = (decode_partials_gpu if backend == "triton" else decode_partials_tpu)
-  q_BxKxGxD = group_queries(q_BxHxD, k).astype(k_BxNxCD.dtype)  # one dtype per dot
-  acc, m, l = partials(q_BxKxGxD, k_BxNxCD, v_BxNxCD,
+    interpret = NATIVE_BACKEND.get(jax.default_backend()) != backend
+  if backend == "triton":
+    decode = functools.partial(decode_gpu, block_size=block_size or DENSE_GPU_BLOCK,
+                               interpret=interpret)
+  else:
+    decode = functools.partial(decode_tpu, block_size=block_size,
+                               blocks_per_chunk=blocks_per_chunk,
+                               interpret=tpu_interpret_params() if interpret is True else interpret)
+  out_BxKxGxD = decode(q_BxHxD.reshape(b, k, h // k, d).astype(k_LxBxNxC.dtype),  # one dtype
+                       k_LxBxNxC, v_LxBxNxC, jnp.asarray(layer, jnp.int32).reshape(1),
                        num_tokens_BxK.astype(jnp.int32),
                        None if table_BxKxM is None else table_BxKxM.astype(jnp.int32),
-                       block_size=block_size, num_splits=num_splits, interpret=interpret)
-  return combine_splits(acc, m, l, h // k, q_BxHxD.dtype)
+                       num_splits=num_splits)
+  return out_BxKxGxD.reshape(b, h, d).astype(q_BxHxD.dtype)

@@ -1,9 +1,26 @@
 """Mosaic (Pallas TPU) program for blocked decode attention.
 
-Token counts and block tables are scalar-prefetched into SMEM so the K/V index maps can pick each
-step's block before the kernel body runs; the grid's last axis walks a split's blocks and the
-pipeline double-buffers the DMAs. Steps past a split's last block map to that same block, and the
-pipeline skips a copy whose block index did not change, so unlisted blocks are never read.
+Tiling, for any head_dim and KV head count under Mosaic's (8, 128) rule:
+- One program per (sequence, head tile, split). A head tile is the fewest KV heads whose
+  columns span a multiple of 128 lanes, or all KV heads of a row (`heads_per_tile`): blocks
+  are `[rows, tile width]` windows that are either lane-aligned or the buffer's full width, so
+  a `[B, S, K*D]` cache with D = 64 and K = 3 is read as whole 192-lane rows, not as unaligned
+  64-lane slices. A flat `[B, N, D]` buffer (heads own rows) has one head per tile.
+- The query heads of a tile form a block-diagonal `[tile heads x G, tile width]` matrix, so one
+  MXU product scores every head of the tile against its own columns (at most `heads_per_tile`
+  times the useful MXU work, which a memory-bound decode does not notice); the wrapper keeps the
+  diagonal blocks of the result.
+- The sequence loop runs inside the kernel over chunks of several blocks; each chunk's blocks
+  are DMA'd from HBM (`memory_space=ANY`) into a double buffer while the previous chunk is
+  computed, as jax's TPU paged attention does. The loop stops at the head's own length: blocks
+  past it are neither copied nor computed, and a head with no tokens issues no DMA at all.
+- Token counts, block tables and the stack index are scalar-prefetched into SMEM (flattened to
+  1-D, which SMEM stores without padding).
+- DMA windows start on row-tile boundaries; the last partial block of a dense buffer is copied
+  rounded up to Mosaic's row tiling (the padding every tiled HBM array has), as the Pallas
+  pipeline does for edge blocks.
+- Splits of the sequence only help to occupy a second TensorCore (megacore), so a program
+  normally walks its whole sequence.
 """
 
 from __future__ import annotations
@@ -15,74 +32,183 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kvjax.pallas_kernels.split_k import (init_partial, num_blocks_of, online_softmax_step,
-                                          split_range)
+from kvjax.pallas_kernels.split_k import (combine_splits, init_partial, num_blocks_of,
+                                          online_softmax_step, split_range)
+
+LANES = 128
+DENSE_BLOCK_ROWS = 512  # rows per DMA in a dense buffer (large copies; the tail is rounded up)
+MAX_CHUNK_ROWS = 1024  # rows per chunk: per-step overhead amortised over >= 0.25 MiB of K/V
+KV_VMEM_BUDGET = 8 * 2**20  # bytes for the K and V double buffers
 
 
-def _block_pos(b, h, split, step, num_tokens_ref, *, block_size: int, num_splits: int):
-  """This step's list position, clamped into the split's active range (or its last block)."""
-  n = num_blocks_of(num_tokens_ref[b, h], block_size)
-  start, stop = split_range(n, split, num_splits)
-  last = jnp.maximum(jnp.minimum(stop, n) - 1, 0)
-  return jnp.minimum(start + step, last), start + step < stop
+def heads_per_tile(num_kv_heads: int, head_dim: int) -> int:
+  """KV heads one program reads from a `[.., K*D]` row: the fewest whose width is a multiple
+  of 128 lanes, or all of them (the full row, which Mosaic accepts at any width)."""
+  return next((n for n in range(1, num_kv_heads + 1)
+               if num_kv_heads % n == 0 and n * head_dim % LANES == 0), num_kv_heads)
 
 
-def _kernel(num_tokens_ref, *refs, block_size: int, num_splits: int, scale: float,
-            has_table: bool):
-  q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, acc_sc, m_sc, l_sc = refs[has_table:]
-  b, h, split, step = (pl.program_id(i) for i in range(4))
-  pos, active = _block_pos(b, h, split, step, num_tokens_ref, block_size=block_size,
-                           num_splits=num_splits)
-
-  @pl.when(step == 0)
-  def _():
-    m_sc[...], l_sc[...], acc_sc[...] = init_partial(*acc_sc.shape)
-
-  @pl.when(active)
-  def _():
-    m_sc[...], l_sc[...], acc_sc[...] = online_softmax_step(
-        q_ref[...], k_ref[...], v_ref[...], pos * block_size, num_tokens_ref[b, h], m_sc[...],
-        l_sc[...], acc_sc[...], scale=scale)
-
-  @pl.when(step == pl.num_programs(3) - 1)
-  def _():
-    acc_ref[...], m_ref[...], l_ref[...] = acc_sc[...], m_sc[...], l_sc[...]
+def row_tile(rows: int, dtype) -> int:
+  """Mosaic's second-minor tiling of an array with `rows` rows (its `getTilingFactor`):
+  DMA windows start and end on multiples of it."""
+  tile = 4 // jnp.dtype(dtype).itemsize
+  while tile < min(rows, 8):
+    tile *= 2
+  return tile
 
 
-def decode_partials_tpu(q_BxKxGxD, k_BxNxCD, v_BxNxCD, num_tokens_BxK, table_BxKxM, *,
-                        block_size: int, num_splits: int, interpret: bool = False):
-  """Per-split partials `(acc, m, l)`; see `blocked_decode` for the layout."""
+def sublane_rows(dtype) -> int:
+  """Rows of one vreg for `dtype` (8 for 32-bit, 16 for 16-bit)."""
+  return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def tpu_interpret_params() -> pltpu.InterpretParams:
+  """TPU interpret mode where reading a tile's padding past an array's end returns NaN (the
+  kernel must mask it) instead of failing as out of bounds."""
+  return pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
+
+
+def tpu_num_splits(batch: int, num_tiles: int, max_blocks: int) -> int:
+  """One split per program, or two when a single program would leave a megacore's second
+  TensorCore idle (the grid runs in sequence on one core otherwise)."""
+  return 2 if batch * num_tiles == 1 and max_blocks > 1 else 1
+
+
+def block_diagonal(q_BxKxGxD: jax.Array, per_tile: int, rows: int) -> jax.Array:
+  """`[B, K/t, rows, t*D]`: each tile's query heads on the diagonal (zero rows padded)."""
   b, k, g, d = q_BxKxGxD.shape
-  n = k_BxNxCD.shape[1]
-  max_blocks = -(-n // block_size) if table_BxKxM is None else table_BxKxM.shape[2]
-  steps = -(-max_blocks // num_splits)
-  col = (lambda h: h) if k_BxNxCD.shape[2] == k * d else (lambda h: 0)
-  pos_of = functools.partial(_block_pos, block_size=block_size, num_splits=num_splits)
+  q_BxTxIxGx1xD = q_BxKxGxD.reshape(b, k // per_tile, per_tile, g, 1, d)
+  eye_IxGxJx1 = jnp.eye(per_tile, dtype=bool)[:, None, :, None]
+  q_bd = jnp.where(eye_IxGxJx1, q_BxTxIxGx1xD, 0).reshape(b, k // per_tile, per_tile * g,
+                                                          per_tile * d)
+  return jnp.pad(q_bd, ((0, 0), (0, 0), (0, rows - per_tile * g), (0, 0)))
 
-  def kv_index(i, h, s, j, num_tokens_ref, *table_ref):
-    pos, _ = pos_of(i, h, s, j, num_tokens_ref)
-    return i, table_ref[0][i, h, pos] if table_ref else pos, col(h)
 
-  tables = () if table_BxKxM is None else (table_BxKxM,)
-  kv_spec = pl.BlockSpec((None, block_size, d), kv_index)
-  part_spec = lambda last: pl.BlockSpec((None, None, None, g, last),
-                                        lambda i, h, s, j, *_: (i, h, s, 0, 0))
-  part_shape = lambda last: jax.ShapeDtypeStruct((b, k, num_splits, g, last), jnp.float32)
-  kernel = functools.partial(_kernel, block_size=block_size, num_splits=num_splits,
-                             scale=d ** -0.5, has_table=bool(tables))
-  return pl.pallas_call(
+def diagonal_blocks(out_BxTxRxW: jax.Array, per_tile: int, group: int) -> jax.Array:
+  """Inverse of `block_diagonal` on the result: `[B, K, G, D]`."""
+  b, t, _, w = out_BxTxRxW.shape
+  d = w // per_tile
+  blocks = out_BxTxRxW[:, :, :per_tile * group].reshape(b, t, per_tile, group, per_tile, d)
+  out_BxTxGxDxI = jnp.diagonal(blocks, axis1=2, axis2=4)
+  return jnp.moveaxis(out_BxTxGxDxI, -1, 2).reshape(b, t * per_tile, group, d)
+
+
+def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk: int,
+            num_splits: int, num_blocks_total: int, tail_rows: int, table_width: int,
+            tiled_columns: bool, scale: float):
+  table_ref = refs[0] if table_width else None
+  (q_ref, k_hbm, v_hbm, acc_ref, m_ref, l_ref, k_buf, v_buf, k_sems,
+   v_sems) = refs[bool(table_width):]
+  b, t, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  bt = b * pl.num_programs(1) + t
+  num_tokens = num_tokens_ref[bt]
+  start, stop = split_range(num_blocks_of(num_tokens, block_size), split, num_splits)
+  end = jnp.minimum(num_tokens, stop * block_size)  # the next split's rows are not copied
+  bps = blocks_per_chunk
+  num_chunks = jax.lax.div(stop - start + bps - 1, bps)
+  layer = layer_ref[0]
+  width = k_buf.shape[-1]
+  cols = pl.ds(pl.multiple_of(t * width, LANES) if tiled_columns else 0, width)
+  last = num_blocks_total - 1
+  sizes = ([(block_size, None)] if tail_rows == block_size else
+           [(block_size, lambda j: j != last), (tail_rows, lambda j: j == last)])
+
+  def chunk_copies(chunk, slot, action: str):
+    """Starts or waits for the DMAs of a chunk's blocks that exist (same guards both times)."""
+    for i in range(bps):
+      j = start + chunk * bps + i
+      for rows, is_this_size in sizes:
+        cond = j < stop if is_this_size is None else (j < stop) & is_this_size(j)
+
+        @pl.when(cond)
+        def _(i=i, j=j, rows=rows):
+          block = table_ref[bt * table_width + j] if table_ref is not None else j
+          first = pl.multiple_of(block * block_size, block_size & -block_size)
+          for hbm, buf, sems in ((k_hbm, k_buf, k_sems), (v_hbm, v_buf, v_sems)):
+            copy = pltpu.make_async_copy(hbm.at[layer, b, pl.ds(first, rows), cols],
+                                         buf.at[slot, i, pl.ds(0, rows)], sems.at[slot])
+            getattr(copy, action)()
+
+  @pl.when(num_chunks > 0)
+  def _():
+    chunk_copies(0, 0, "start")
+
+  q = q_ref[...]
+
+  def body(c, carry):
+    slot = jax.lax.rem(c, 2)
+
+    @pl.when(c + 1 < num_chunks)
+    def _():
+      chunk_copies(c + 1, 1 - slot, "start")
+
+    chunk_copies(c, slot, "wait")
+    k_SxW = k_buf[slot].reshape(bps * block_size, width)
+    v_SxW = v_buf[slot].reshape(bps * block_size, width)
+    return online_softmax_step(q, k_SxW, v_SxW, (start + c * bps) * block_size, end, *carry,
+                               scale=scale)
+
+  m, l, acc = jax.lax.fori_loop(0, num_chunks, body, init_partial(*q.shape))
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def decode_tpu(q_BxKxGxD, k_LxBxNxC, v_LxBxNxC, layer_1, num_tokens_BxK, table_BxKxM, *,
+               block_size: int | None, num_splits: int | None, interpret,
+               blocks_per_chunk: int | None = None) -> jax.Array:
+  """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout.
+
+  block_size: rows per table entry; for a dense buffer (no table) the DMA block, by default
+    up to `DENSE_BLOCK_ROWS`.
+  """
+  b, k, g, d = q_BxKxGxD.shape
+  n, c = k_LxBxNxC.shape[2:]
+  dtype = k_LxBxNxC.dtype
+  per_tile = heads_per_tile(k, d) if c != d else 1
+  tiles, width = k // per_tile, per_tile * d if c != d else d
+  if table_BxKxM is None:
+    block_size = block_size or min(DENSE_BLOCK_ROWS, round_up(n, row_tile(n, dtype)))
+    max_blocks = -(-n // block_size)
+    tail_rows = round_up(n - (max_blocks - 1) * block_size, row_tile(n, dtype))
+  else:
+    max_blocks, tail_rows = table_BxKxM.shape[2], block_size
+  chunk_rows = min(MAX_CHUNK_ROWS, KV_VMEM_BUDGET // (4 * round_up(width, LANES) *
+                                                      dtype.itemsize))
+  bps = blocks_per_chunk or max(1, min(chunk_rows // block_size, max_blocks))
+  num_splits = num_splits or tpu_num_splits(b, tiles, max_blocks)
+  rows = round_up(per_tile * g, sublane_rows(dtype))
+  prefetch = [layer_1, num_tokens_BxK[:, ::per_tile].reshape(-1)]
+  if table_BxKxM is not None:
+    prefetch.append(table_BxKxM[:, ::per_tile].reshape(-1))
+  kernel = functools.partial(
+      _kernel, block_size=block_size, blocks_per_chunk=bps, num_splits=num_splits,
+      num_blocks_total=max_blocks, tail_rows=tail_rows,
+      table_width=0 if table_BxKxM is None else table_BxKxM.shape[2],
+      tiled_columns=width != c, scale=d ** -0.5)
+  part_spec = lambda last: pl.BlockSpec((None, None, None, rows, last),
+                                        lambda i, t, s, *_: (i, t, s, 0, 0))
+  part_shape = lambda last: jax.ShapeDtypeStruct((b, tiles, num_splits, rows, last),
+                                                 jnp.float32)
+  kv_buf = pltpu.VMEM((2, bps, block_size, width), dtype)
+  acc, m, l = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1 + len(tables),
-          grid=(b, k, num_splits, steps),
-          in_specs=[pl.BlockSpec((None, None, g, d), lambda i, h, s, j, *_: (i, h, 0, 0)),
-                    kv_spec, kv_spec],
-          out_specs=[part_spec(d), part_spec(1), part_spec(1)],
-          scratch_shapes=[pltpu.VMEM((g, d), jnp.float32), pltpu.VMEM((g, 1), jnp.float32),
-                          pltpu.VMEM((g, 1), jnp.float32)]),
-      out_shape=[part_shape(d), part_shape(1), part_shape(1)],
+          num_scalar_prefetch=len(prefetch),
+          grid=(b, tiles, num_splits),
+          in_specs=[pl.BlockSpec((None, None, rows, width), lambda i, t, s, *_: (i, t, 0, 0)),
+                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=[part_spec(width), part_spec(1), part_spec(1)],
+          scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2,)),
+                          pltpu.SemaphoreType.DMA((2,))]),
+      out_shape=[part_shape(width), part_shape(1), part_shape(1)],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
       name="blocked_decode",
-  )(num_tokens_BxK, *tables, q_BxKxGxD, k_BxNxCD, v_BxNxCD)
+  )(*prefetch, block_diagonal(q_BxKxGxD, per_tile, rows), k_LxBxNxC, v_LxBxNxC)
+  return diagonal_blocks(combine_splits(acc, m, l), per_tile, g)

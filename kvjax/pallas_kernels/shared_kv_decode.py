@@ -1,9 +1,11 @@
 """Decode attention for a dense cache whose KV heads each serve a group of query heads.
 
 GQA, MQA and CLA's shared buffers all look like this: `[B, S, K, D]` keys and values, query
-heads `h*G .. h*G+G-1` reading KV head h. One program handles a whole group, so every K/V block
-is loaded once; the sequence is split for parallelism and merged by log-sum-exp; blocks past a
-sequence's length are not read. On a CPU backend the kernel runs in interpret mode.
+heads `h*G .. h*G+G-1` reading KV head h. One program handles a whole group (on TPU a tile of
+KV heads), so every K/V block is loaded once; blocks past a sequence's length are not read.
+A scanned model's `[G, B, S, K, D]` stack is read at `stack_index` in place, without slicing
+the layer out (a copy of the layer every step). On a CPU backend the kernel runs in interpret
+mode.
 """
 
 from __future__ import annotations
@@ -15,15 +17,23 @@ from kvjax.pallas_kernels.blocked_decode import blocked_decode
 
 
 def shared_kv_decode(q_BxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                     lengths_B: jax.Array, *, block_size: int = 64, num_splits: int | None = None,
-                     backend: str | None = None, interpret: bool | None = None) -> jax.Array:
+                     lengths_B: jax.Array, *, stack_index: jax.Array | int | None = None,
+                     block_size: int | None = None, num_splits: int | None = None,
+                     backend: str | None = None, interpret=None) -> jax.Array:
   """One query per sequence over cache slots `< lengths[b]`; returns `[B, H, D]`.
 
-  On TPU the `[B, S, K*D]` view needs `D % 128 == 0` unless K == 1 (Mosaic block rules).
-  Keyword options as in `blocked_decode`.
+  stack_index: with `[G, B, S, K, D]` buffers, the layer to read (an int32 scalar).
+  Keyword options as in `blocked_decode`; `eligibility(platform, "dense" or "stacked", ...)`
+  says where the kernel applies.
   """
-  b, s, k, d = k_BxSxKxD.shape
-  num_tokens_BxK = jnp.broadcast_to(jnp.minimum(lengths_B, s)[:, None], (b, k))
-  return blocked_decode(q_BxHxD, k_BxSxKxD.reshape(b, s, k * d), v_BxSxKxD.reshape(b, s, k * d),
-                        num_tokens_BxK, None, block_size=block_size, num_splits=num_splits,
-                        backend=backend, interpret=interpret)
+  stacked = stack_index is not None
+  if k_BxSxKxD.ndim != 4 + stacked:
+    want = "[G, B, S, K, D] with stack_index" if stacked else "[B, S, K, D]"
+    raise ValueError(f"K/V must be {want}, got shape {k_BxSxKxD.shape}")
+  *lead, s, k, d = k_BxSxKxD.shape
+  view = lambda x: x.reshape(*([1] * (not stacked)), *lead, s, k * d)
+  num_tokens_BxK = jnp.broadcast_to(jnp.minimum(lengths_B, s)[:, None], (lead[-1], k))
+  return blocked_decode(q_BxHxD, view(k_BxSxKxD), view(v_BxSxKxD),
+                        stack_index if stacked else 0, num_tokens_BxK, None,
+                        layout="stacked" if stacked else "dense", block_size=block_size,
+                        num_splits=num_splits, backend=backend, interpret=interpret)

@@ -1,0 +1,73 @@
+"""Whether a decode kernel serves a cache on a platform, and if not, why: the one place that
+knows the kernels' limits (the wrappers and `attention_impl=auto` both ask it).
+
+Layouts (what a cache hands the kernels):
+- `dense`: `[B, S, K, D]` buffers read up to each sequence's length (GQA, MQA, MHA, CLA's
+  shared buffers, Block Transformer and attention-gate caches): `shared_kv_decode`.
+- `stacked`: a scanned model's `[G, B, S, K, D]` stack, read at a layer index in place.
+- `flat`: `[B, N, D]` rows that the KV heads own by block tables (MoA, Attention-Gate
+  compacted survivors): `block_sparse_decode`.
+- `dense_blocks`: a `[B, N, K, D]` buffer read through per-head block tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from kvjax.pallas_kernels.decode_tpu import LANES
+
+LAYOUTS = ("dense", "stacked", "flat", "dense_blocks")
+BACKEND_PLATFORM = {"triton": "cuda", "mosaic_tpu": "tpu"}
+DTYPES = {"cuda": ("float32", "bfloat16", "float16"), "tpu": ("float32", "bfloat16")}
+TABLE_BLOCK = 64  # default rows per block-table entry
+GPU_MAX_HEAD_DIM = 256  # the Triton kernel's K/V blocks (64 rows x padded D) sit in shared memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Eligibility:
+  ok: bool
+  reason: str = ""  # one line saying why not; empty when ok
+
+
+def _reason(platform: str, layout: str, num_heads: int, num_kv_heads: int, head_dim: int,
+            rows: int, dtype: str, block_size: int | None) -> str:
+  if layout not in LAYOUTS:
+    return f"unknown cache layout {layout!r} (known: {', '.join(LAYOUTS)})"
+  if platform == "cpu":
+    return "no Pallas kernel backend on CPU (the kernels run there only in interpret mode)"
+  platform = "cuda" if platform == "gpu" else platform
+  if platform not in DTYPES:
+    return f"no Pallas decode kernel for platform {platform!r} (kernels: cuda, tpu)"
+  if dtype not in DTYPES[platform]:
+    return f"cache dtype {dtype} is not supported on {platform} ({', '.join(DTYPES[platform])})"
+  if num_heads % num_kv_heads:
+    return f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})"
+  tables = layout in ("flat", "dense_blocks")
+  if tables:
+    block_size = block_size or TABLE_BLOCK
+  if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
+    return f"block_size must be a power of two >= 16, got {block_size}"
+  if platform == "cuda" and head_dim > GPU_MAX_HEAD_DIM:
+    return (f"head_dim {head_dim} exceeds {GPU_MAX_HEAD_DIM}, the most the Triton kernel's "
+            f"shared-memory K/V blocks are sized for")
+  if platform == "tpu" and tables and rows % block_size:
+    return f"rows ({rows}) must be a whole number of {block_size}-row blocks on tpu"
+  if platform == "tpu" and layout == "dense_blocks" and num_kv_heads > 1 and head_dim % LANES:
+    return (f"per-head block tables over [B, N, K, D] need head_dim % {LANES} == 0 on tpu "
+            f"(got K={num_kv_heads}, D={head_dim}); use a flat [B, N, D] buffer")
+  return ""
+
+
+def eligibility(platform: str, layout: str, *, num_heads: int, num_kv_heads: int,
+                head_dim: int, rows: int, dtype, block_size: int | None = None) -> Eligibility:
+  """Whether the decode kernel for `layout` runs on `platform` (`cuda`/`gpu`, `tpu`, `cpu`).
+
+  rows: slots per sequence (S of a dense buffer, N of a flat one).
+  block_size: rows per block-table entry (default 64), or the dense kernel's block (None: its
+    own choice per backend).
+  """
+  reason = _reason(platform, layout, num_heads, num_kv_heads, head_dim, rows,
+                   jnp.dtype(dtype).name, block_size)
+  return Eligibility(ok=not reason, reason=reason)
