@@ -201,6 +201,8 @@ class ModelConfig:
       return
     _require(self.kind == "llama" and self.num_kv_layers == self.num_layers, "model.moa_plan",
              "needs model.kind 'llama' without cross-layer K/V sharing")
+    _require(not self.attention_gate.enable, "model.moa_plan",
+             "cannot be combined with model.attention_gate.enable (choose one method)")
     from kvjax.moa.plan import load_plan  # noqa: PLC0415 (kvjax.moa builds on this module)
 
     load_plan(self.moa_plan).check(self)

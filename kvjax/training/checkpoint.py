@@ -96,9 +96,8 @@ class UnreadableCheckpointError(CheckpointError):
     self.what = what
 
 
-def _quiet_abandoned_reads(unraisable) -> None:
-  """`sys.unraisablehook` that drops the noise of a failed restore: orbax's other reads of that
-  step fail or finish after its event loop has closed, and Python would print each one."""
+def _drop_abandoned_reads(unraisable) -> None:
+  """`sys.unraisablehook` without the noise of a failed restore (see `_quiet_abandoned_reads`)."""
   coroutine = isinstance(unraisable.object, types.CoroutineType)
   if coroutine and "/orbax/" in unraisable.object.cr_code.co_filename:
     return
@@ -108,9 +107,14 @@ def _quiet_abandoned_reads(unraisable) -> None:
   sys.__unraisablehook__(unraisable)
 
 
+def _quiet_abandoned_reads() -> None:
+  """When one read of a step fails, orbax's other reads of it end after its event loop has
+  closed, and Python would print a traceback for each ("Event loop is closed") after the
+  one-line error. Set before every restore: they may end before the error reaches this module."""
+  sys.unraisablehook = _drop_abandoned_reads
+
+
 def _unreadable(manager: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointError:
-  """The error for a step orbax failed to read; its abandoned reads are kept quiet from now on."""
-  sys.unraisablehook = _quiet_abandoned_reads
   reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See full")[0]
   return UnreadableCheckpointError(f"checkpoint step {step} in {manager.directory} cannot be "
                                    f"read ({type(e).__name__}: {reason})")
@@ -123,6 +127,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 
 def _check_params(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
   """Raises ConfigError if the model of the current config has other parameters than step's."""
+  _quiet_abandoned_reads()
   try:
     saved = _shapes(manager.item_metadata(step)["params"])
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files
@@ -138,6 +143,7 @@ def _check_params(manager: ocp.CheckpointManager, step: int, abstract_params) ->
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, **items):
+  _quiet_abandoned_reads()
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files
