@@ -101,7 +101,8 @@ def plans(tmp_path_factory):
 
 
 METHODS = {
-    "CLA-2": ["model.kv_sharing.factor=2"], "CLA pattern": ["model.kv_sharing.producer_of=[0,0,0,3]"],
+    "CLA-2": ["model.kv_sharing.factor=2"],
+    "CLA pattern": ["model.kv_sharing.producer_of=[0,0,0,3]"],
     "scanned layers": ["model.scan_layers=true"], "remat": ["model.remat=true"],
     "attention gate": ["model.attention_gate.enable=true"],
     "gated decoding": ["model.attention_gate.enable=true", "model.attention_gate.gate_decode=true"],

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +96,28 @@ def test_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(cli_env
   train(cfg, workdir, stop_at=stopped + 2)
   train(cfg, tmp_path / "straight", stop_at=stopped + 2)
   assert_same_run(cfg, workdir, tmp_path / "straight")
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(cli_env, text_dir, tmp_path):
+  """Two processes over `jax.distributed`: JAX's preemption sync point picks the step."""
+  overrides = run_overrides(text_dir, checkpoint_every=1000)
+  workdir = tmp_path / "run"
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [start({**cli_env, "JAX_PLATFORMS": "cpu"}, workdir, overrides, "--coordinator",
+                 f"localhost:{port}", "--num-processes", "2", "--process-id", str(i))
+           for i in range(2)]
+  assert wait_for(procs[1], lambda: len(logged_losses(workdir)) >= 2)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in outputs]
+  stopped = logged_losses(workdir)[-1][0]
+  assert committed_steps(workdir) == [stopped]
+  data = workdir / "checkpoints" / str(stopped) / "data"
+  assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json",
+                                                           "process_1-of-2.json"]
+  assert f"SIGTERM: stopped after step {stopped}, its checkpoint is committed" in outputs[0][0]
 
 
 def test_killed_at_any_moment_the_run_resumes_from_its_last_commit_exactly(cli_env, text_dir,
