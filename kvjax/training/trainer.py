@@ -123,6 +123,8 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None,
                                                                        steps.mesh))
         step += 1
         unchecked.append(metrics)
+        if len(unchecked) > 1:  # one step in flight: a stop signal is acted on after the
+          jax.block_until_ready(unchecked[-2])  # running step, not after all those queued
         bar.update()
         if step == first + 1:
           jax.block_until_ready(metrics)
