@@ -433,8 +433,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
   if tp is int:
     _require(isinstance(value, int) and not isinstance(value, bool), key,
              f"must be an integer, got {value!r}")
-    _require(-INT_LIMIT <= value < INT_LIMIT, key, f"must be an integer in [-2**31, 2**31), got "
-             f"{value}")  # (what JAX's int32 holds)
+    _require(-INT_LIMIT <= value < INT_LIMIT, key,  # what JAX's int32 holds
+             f"must be an integer in [-2**31, 2**31), got {value}")
     return value
   if tp is float:
     if isinstance(value, str):  # YAML 1.1 reads `3e-4` and `nan` as strings

@@ -2,6 +2,7 @@
 left with an unreadable checkpoint, then resumed: the run ends as one never interrupted (same
 losses step by step, so the same data order, and the same parameters)."""
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -132,7 +133,7 @@ def test_killed_at_any_moment_the_run_resumes_from_its_last_commit_exactly(cli_e
   at = 0
   for moment, reached in moments.items():
     proc = start(cli_env, workdir, overrides, "--stop-at", str(last))
-    assert wait_for(proc, lambda: reached(at)), f"the run ended before {moment}"
+    assert wait_for(proc, functools.partial(reached, at)), f"the run ended before {moment}"
     proc.kill()
     proc.wait()
     assert max(committed_steps(workdir), default=0) >= at, moment

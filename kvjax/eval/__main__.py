@@ -36,7 +36,7 @@ RETRIEVAL = {"passkey": synthetic.passkey, "needle": synthetic.needle, "lines": 
 
 def parse_args(argv):
   p = ArgumentParser(prog="python -m kvjax.eval", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="YAML config (model.weights or --checkpoint)")
   p.add_argument("--checkpoint", help="training workdir to restore params from")
   p.add_argument("--task", required=True)

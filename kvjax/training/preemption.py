@@ -58,6 +58,6 @@ class StopSignals:
     return self.received is not None and not self._multi_process
 
   @property
-  def signal(self) -> signal.Signals:
+  def stopped_by(self) -> signal.Signals:
     """What stopped the run; a SIGTERM that JAX's handler took is not seen here."""
     return self.received or signal.SIGTERM

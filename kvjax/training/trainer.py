@@ -160,7 +160,7 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None,
     if stopping or stop.pending:  # (a signal after the last step skips the samples)
       manager.wait_until_finished()
       return TrainResult(step=step, val_loss=None, samples=(), tokens_per_s=clock.total_rate(),
-                         stopped_by=stop.signal)
+                         stopped_by=stop.stopped_by)
     if val_loss is None:  # nothing left to train: the run was complete already
       val_loss = evaluate(steps.eval_step, steps.model_params(state), val_batches)
     samples = ()
