@@ -124,16 +124,21 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(cli_env, text_dir, tm
 def test_killed_at_any_moment_the_run_resumes_from_its_last_commit_exactly(cli_env, text_dir,
                                                                            tmp_path):
   overrides = run_overrides(text_dir, checkpoint_every=1)
-  workdir, last = tmp_path / "run", 6
-  moments = {  # each run resumes from the previous one's last commit, `at`
-      "during the first checkpoint write": lambda at: writing(workdir),
-      "as soon as a checkpoint commits": lambda at: max(committed_steps(workdir), default=0) > at,
-      "during a later write (older steps being deleted)": lambda at: writing(workdir, at + 1),
+  workdir, last = tmp_path / "run", 8
+  logged_after = lambda at: any(step > at for step, _ in logged_losses(workdir))
+  moments = {  # moment: (reached, given the previous run's last commit `at`; then a delay)
+      "during the first checkpoint write": (lambda at: writing(workdir), 0.0),
+      "as soon as a checkpoint commits": (
+          lambda at: max(committed_steps(workdir), default=0) > at, 0.0),
+      "at a random time in training": (logged_after, np.random.default_rng(0).uniform(0, 0.5)),
+      "during a later write (older steps being deleted)": (
+          lambda at: writing(workdir, at + 1), 0.0),
   }
   at = 0
-  for moment, reached in moments.items():
+  for moment, (reached, delay) in moments.items():
     proc = start(cli_env, workdir, overrides, "--stop-at", str(last))
     assert wait_for(proc, functools.partial(reached, at)), f"the run ended before {moment}"
+    time.sleep(delay)
     proc.kill()
     proc.wait()
     assert max(committed_steps(workdir), default=0) >= at, moment
