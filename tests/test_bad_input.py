@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
@@ -112,8 +112,9 @@ METHODS = {
 }
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=30)
 @given(st.sets(st.sampled_from(sorted(METHODS)), max_size=3))
+@example({"MoA", "attention gate"})  # was accepted, then failed in the attention layer
 def test_method_combinations_are_rejected_at_load_or_trace_training_and_decoding(plans, methods):
   overrides = [*TINY, "model.num_layers=4", "model.moa_block_size=8", "model.moa_sink_tokens=4",
                *(o.format(plans=plans) for m in sorted(methods) for o in METHODS[m])]

@@ -112,8 +112,10 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
                for n in args.lengths for d in args.depths for _ in range(args.samples)]
     return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
                                            batch_size=args.batch)
-  questions = multiple_choice.load_questions(args.task)[args.offset:]
-  questions = questions[:args.limit]
+  everything = multiple_choice.load_questions(args.task)
+  questions = everything[args.offset:][:args.limit]
+  if not questions:
+    raise UsageError(f"--offset {args.offset}: {args.task} has {len(everything)} questions")
   return multiple_choice.evaluate_multiple_choice(logits_fn, tokenizer, questions)
 
 
