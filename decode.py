@@ -18,9 +18,12 @@ import numpy as np
 
 import kvjax
 from kvjax import sharding
-from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
+from kvjax.cli import (ArgumentParser, UsageError, add_config_args, check_output, check_utf8,
+                       load_params, seed, usage_errors)
+from kvjax.data.tokenizers import encode_prompt
 from kvjax.decode import SamplingConfig, generate
 from kvjax.decode.throughput import measure, placed_cache
+from kvjax.io import tokenizer_for
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "tiny.yaml")
 COMPARED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ms_per_step", "kv_cache_bytes",
@@ -28,7 +31,7 @@ COMPARED = ("decode_tokens_per_s", "prefill_tokens_per_s", "ms_per_step", "kv_ca
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", action="append", help="YAML config; repeat to compare (default: configs/tiny.yaml)")
   p.add_argument("--checkpoint", action="append", help="training workdir (one, or one per --config)")
   p.add_argument("--batch", type=int, default=8)
@@ -38,7 +41,7 @@ def parse_args(argv):
   p.add_argument("--temperature", type=float, default=0.8)
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=0.95)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed, default=0)
   p.add_argument("--json", help="write the results here as JSON")
   add_config_args(p)
   return p.parse_intermixed_args(argv)
@@ -48,7 +51,10 @@ def check_args(args, cfgs) -> None:
   for name in ("batch", "prompt_len", "gen_len"):
     if getattr(args, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-  if not args.prompt and args.gen_len < 2:
+  if args.prompt is not None:
+    check_utf8("--prompt", args.prompt)
+  check_output("--json", args.json)
+  if args.prompt is None and args.gen_len < 2:
     raise UsageError(f"--gen-len must be >= 2 for a throughput test, got {args.gen_len}")
   checkpoints = args.checkpoint or []
   if len(checkpoints) not in (0, 1, len(cfgs)) or (len(checkpoints) == 1 and len(cfgs) > 1):
@@ -77,14 +83,14 @@ def placed_params(cfg, model, params):
 
 
 def generate_text(cfg, model, params, args) -> dict:
-  from kvjax.io import tokenizer_for  # noqa: PLC0415
   tok = tokenizer_for(cfg)  # the checkpoint's own tokenizer when model.weights is set
   text, sep = args.prompt, ""
   if getattr(tok, "chat_template", None):  # chat models answer the prompt as a user turn
     text, sep = tok.apply_chat_template([{"role": "user", "content": args.prompt}]), "\n"
-  ids = tok.encode(text)
-  if getattr(tok, "add_bos", False):
-    ids = np.concatenate([[tok.bos_id], ids]).astype(np.int32)
+  try:
+    ids = encode_prompt(tok, text)
+  except ValueError as e:
+    raise UsageError(f"--prompt: {e}") from None
   if len(ids) + args.gen_len > cfg.model.max_seq_len:
     raise UsageError(f"prompt ({len(ids)} tokens) + --gen-len {args.gen_len} exceeds "
                      f"model.max_seq_len={cfg.model.max_seq_len}")

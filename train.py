@@ -4,6 +4,8 @@
   python train.py --config configs/tiny.yaml train.steps=200 --workdir runs/short
 
 The workdir receives config.yaml, orbax checkpoints, TensorBoard event files and metrics.jsonl.
+SIGTERM or SIGINT (Ctrl-C) finishes the current step, checkpoints it and exits with code 0
+(SIGTERM) or 130 (SIGINT); running the same command again continues exactly.
 """
 
 from __future__ import annotations
@@ -15,23 +17,21 @@ from pathlib import Path
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    """One line and exit code 2, like every other bad input (argparse also prints usage)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_args(argv):
-  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from kvjax import distributed  # noqa: PLC0415 (imports jax, which --help does not need)
+  from kvjax.cli import ArgumentParser  # noqa: PLC0415
+
+  p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
   p.add_argument("--workdir", help="run directory (default runs/<config name>)")
   p.add_argument("--stop-at", type=int, metavar="STEP",
                  help="stop after this step with a checkpoint (the schedule still ends at "
                       "train.steps); run again to continue")
+  p.add_argument("--resume-from-previous", action="store_true",
+                 help="resume from the newest checkpoint that can be read, moving newer "
+                      "unreadable ones to <workdir>/unreadable/")
   p.add_argument("overrides", nargs="*", metavar="key=value",
                  help="config overrides, e.g. model.num_layers=4 train.steps=30")
-  from kvjax import distributed  # noqa: PLC0415 (imports jax, which --help does not need)
   distributed.add_flags(p)
   return p.parse_intermixed_args(argv)
 
@@ -43,8 +43,9 @@ def main(argv=None) -> int:
 
   import kvjax  # noqa: PLC0415
   from kvjax import distributed  # noqa: PLC0415
-  from kvjax.cli import UsageError, usage_errors  # noqa: PLC0415
+  from kvjax.cli import UsageError, check_output, usage_errors  # noqa: PLC0415
   from kvjax.training import NonFiniteLossError, train  # noqa: PLC0415
+  from kvjax.training.preemption import EXIT_CODES  # noqa: PLC0415
 
   with usage_errors():
     distributed.initialize(distributed.config_from(args))  # before anything touches a device
@@ -52,11 +53,18 @@ def main(argv=None) -> int:
     if args.stop_at is not None and args.stop_at < 1:
       raise UsageError(f"--stop-at must be >= 1, got {args.stop_at}")
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    check_output("--workdir", workdir, directory=True)
     try:
-      result = train(cfg, workdir, stop_at=args.stop_at)
+      result = train(cfg, workdir, stop_at=args.stop_at,
+                     resume_from_previous=args.resume_from_previous)
     except NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr)
       return 1
+  if result.stopped_by is not None:
+    if jax.process_index() == 0:
+      print(f"{result.stopped_by.name}: stopped after step {result.step}, its checkpoint is "
+            f"committed in {workdir}; run the same command to continue")
+    return EXIT_CODES[result.stopped_by]
   if jax.process_index() == 0:
     speed = "" if result.tokens_per_s is None else f"; {result.tokens_per_s:,.0f} training tokens/s"
     tokens = f"{cfg.model.weights}'s" if cfg.model.weights else cfg.data.tokenizer

@@ -36,6 +36,7 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+INT_LIMIT = 2**31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,6 +435,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
   if tp is int:
     _require(isinstance(value, int) and not isinstance(value, bool), key,
              f"must be an integer, got {value!r}")
+    _require(-INT_LIMIT <= value < INT_LIMIT, key,  # what JAX's int32 holds
+             f"must be an integer in [-2**31, 2**31), got {value}")
     return value
   if tp is float:
     if isinstance(value, str):  # YAML 1.1 reads `3e-4` and `nan` as strings
@@ -443,7 +446,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         pass
     _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
              f"must be a number, got {value!r}")
-    _require(math.isfinite(value), key, f"must be finite, got {value!r}")
+    try:
+      finite = math.isfinite(value)
+    except OverflowError:  # an integer beyond the float range
+      finite = False
+    _require(finite, key, f"must be finite, got {value!r}")
     return float(value)
   if tp is str:
     _require(isinstance(value, str), key, f"must be a string, got {value!r}")
@@ -479,6 +486,22 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
   node[leaf] = value
 
 
+def read_utf8(path: str | Path, allowed: str) -> str:
+  """The text of file `path`; ConfigError naming the first byte that is not UTF-8."""
+  try:
+    return Path(path).read_text(encoding="utf-8")
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                      f"{e.start}); allowed: {allowed}") from None
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+  """PyYAML's multi-line message as one line: the problem and where."""
+  mark = getattr(e, "problem_mark", None)
+  where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+  return f"{getattr(e, 'problem', None) or ' '.join(str(e).split())}{where}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
   """`'model.num_layers=4'` -> `('model.num_layers', 4)`; values are parsed as YAML scalars."""
   key, sep, raw = text.partition("=")
@@ -486,7 +509,7 @@ def parse_override(text: str) -> tuple[str, Any]:
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as e:
-    raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    raise ConfigError(f"{key}: cannot parse value {raw!r}: {_one_line(e)}") from None
   return key.strip(), value
 
 
@@ -498,9 +521,9 @@ def parse_config(path: str | Path | None = None, overrides: typing.Sequence[str]
     path = Path(path)
     _require(path.is_file(), "--config", f"no such file: {path}")
     try:
-      tree = yaml.safe_load(path.read_text()) or {}
+      tree = yaml.safe_load(read_utf8(path, "a YAML file")) or {}
     except yaml.YAMLError as e:
-      raise ConfigError(f"{path}: not valid YAML: {e}") from None
+      raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     _require(isinstance(tree, dict), str(path), "must be a mapping of sections")
   for text in overrides:
     key, value = parse_override(text)

@@ -4,6 +4,8 @@ Every one is a `ValueError` the command-line tools print as one line, exiting wi
 This module imports nothing from kvjax, so every other module may raise these.
 """
 
+import contextlib
+
 
 class ConfigError(ValueError):
   """A config key or value that is not allowed; the message says which and why."""
@@ -19,3 +21,17 @@ class FetchError(ConfigError):
 
 class UsageError(ValueError):
   """Bad command-line input that is not a config key (a flag value, a missing file)."""
+
+
+@contextlib.contextmanager
+def reading_metadata(where: str):
+  """Turns what interpreting a file's untrusted metadata raises (a missing key, a value of the
+  wrong type, a zero head count; the `tokenizers` library raises bare `Exception`s) into a
+  CheckpointError naming the file."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001 (see above)
+    reason = (str(e).strip().splitlines() or [""])[0]
+    raise CheckpointError(f"{where}: malformed metadata ({type(e).__name__}: {reason})") from None

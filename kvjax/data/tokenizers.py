@@ -85,6 +85,24 @@ class Gpt2Tokenizer:
                                   if 0 <= int(i) < self.eos_id])
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  """The ids a generation from `text` starts with: BOS first where the tokenizer's model expects
+  one. An empty text starts a document: from BOS where a checkpoint's tokenizer has one, from
+  EOS for kvjax's own tokenizers (whose training stream puts EOS before every document, see
+  `kvjax.data.pipeline.token_stream`); raises ValueError if there is no such token."""
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  add_bos = getattr(tokenizer, "add_bos", None)  # only checkpoint tokenizers say
+  if add_bos:
+    ids = np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32)
+  if len(ids):
+    return ids
+  start = tokenizer.eos_id if add_bos is None else tokenizer.bos_id
+  if start is None:
+    raise ValueError("the prompt is empty and this tokenizer has no BOS token to start from; "
+                     "give some text")
+  return np.array([start], np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
   vocab_size: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ class SamplingConfig:
   top_p: float = 1.0  # 1 means no nucleus cut
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
@@ -25,8 +26,8 @@ class SamplingConfig:
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """Sets logits outside the top-k and outside the top-p nucleus to -inf."""
-  if top_k:
-    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+  if top_k:  # (a k beyond the vocabulary cuts nothing)
+    kth_B1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
   if top_p < 1.0:
     sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]

@@ -23,7 +23,9 @@ import jax
 import numpy as np
 
 import kvjax
-from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
+from kvjax.cli import (ArgumentParser, UsageError, add_config_args, check_output, load_params,
+                       seed, usage_errors)
+from kvjax.config import read_utf8
 from kvjax.eval import long_context, multiple_choice, synthetic
 from kvjax.eval.perplexity import perplexity
 from kvjax.eval.scoring import cached_logits, forward_logits
@@ -33,8 +35,8 @@ RETRIEVAL = {"passkey": synthetic.passkey, "needle": synthetic.needle, "lines": 
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m kvjax.eval", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = ArgumentParser(prog="python -m kvjax.eval", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="YAML config (model.weights or --checkpoint)")
   p.add_argument("--checkpoint", help="training workdir to restore params from")
   p.add_argument("--task", required=True)
@@ -49,7 +51,7 @@ def parse_args(argv):
   p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0])
   p.add_argument("--samples", type=int, default=2, help="samples per length (and depth)")
   p.add_argument("--batch", type=int, default=1, help="long-context generation batch size")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=seed, default=0)
   p.add_argument("--json", help="write the result here as JSON")
   add_config_args(p)
   return p.parse_intermixed_args(argv)
@@ -75,6 +77,7 @@ def check_args(args, cfg) -> None:
   for path in args.text or ():
     if not Path(path).is_file():
       raise UsageError(f"--text {path}: no such file")
+  check_output("--json", args.json)
   if not (cfg.model.weights or args.checkpoint):
     raise UsageError("nothing to evaluate: set model.weights or give --checkpoint")
 
@@ -88,10 +91,13 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
   if args.task == "perplexity":
     from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
     if args.text:
-      texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
+      texts = [read_utf8(p, "UTF-8 text files for --text") for p in args.text]
     else:
       texts = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)[1]
-    return perplexity(logits_fn, tokenizer, texts, seq_len=args.seq_len or cfg.data.seq_len)
+    try:
+      return perplexity(logits_fn, tokenizer, texts, seq_len=args.seq_len or cfg.data.seq_len)
+    except ValueError as e:
+      raise UsageError(f"{'--text' if args.text else 'data.source'}: {e}") from None
   if args.task == "recall":
     samples = [synthetic.associative_recall(tokenizer, rng, n)
                for n in args.lengths for _ in range(args.samples)]
@@ -106,8 +112,10 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
                for n in args.lengths for d in args.depths for _ in range(args.samples)]
     return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
                                            batch_size=args.batch)
-  questions = multiple_choice.load_questions(args.task)[args.offset:]
-  questions = questions[:args.limit]
+  everything = multiple_choice.load_questions(args.task)
+  questions = everything[args.offset:][:args.limit]
+  if not questions:
+    raise UsageError(f"--offset {args.offset}: {args.task} has {len(everything)} questions")
   return multiple_choice.evaluate_multiple_choice(logits_fn, tokenizer, questions)
 
 

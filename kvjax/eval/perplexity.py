@@ -16,13 +16,15 @@ def perplexity(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], *, seq_len:
 
   Consecutive windows share one token (the last scored token of one is the unscored context
   token of the next). Texts start with BOS when the tokenizer's model expects one; otherwise a
-  text's first token goes unscored.
+  text's first token goes unscored. Raises ValueError if there is no token to score.
   """
   bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
   windows = []
   for text in texts:
     ids = np.concatenate([np.asarray(bos, np.int32), tokenizer.encode(text)])
     windows += [ids[s:s + seq_len] for s in range(0, len(ids) - 1, seq_len - 1)]
+  if not windows:
+    raise ValueError("nothing to score: every text is shorter than 2 tokens")
   scores = score_spans(logits_fn, windows, [[(1, len(w))] for w in windows],
                        pad_id=tokenizer.pad_id, batch_tokens=batch_tokens)
   nll = -sum(s.logprob for (s,) in scores)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.errors import CheckpointError
+from kvjax.errors import CheckpointError, reading_metadata
 from kvjax.io.tokenizer import CheckpointTokenizer, tokenizer_from_gguf
 
 _FLOAT_TYPES = ("F32", "F16", "F64")
@@ -87,6 +87,10 @@ class GGUFCheckpoint:
   @property
   def arch(self) -> dict[str, Any]:
     """The ModelConfig fields this checkpoint fixes."""
+    with reading_metadata(str(self.path)):
+      return self._arch()
+
+  def _arch(self) -> dict[str, Any]:
     heads = self._get("attention.head_count")
     d_model = self._get("embedding_length")
     head_dim = self._get("attention.key_length", d_model // heads)
@@ -127,4 +131,5 @@ class GGUFCheckpoint:
     return out
 
   def tokenizer(self) -> CheckpointTokenizer:
-    return tokenizer_from_gguf(self.fields, str(self.path))
+    with reading_metadata(str(self.path)):
+      return tokenizer_from_gguf(self.fields, str(self.path))

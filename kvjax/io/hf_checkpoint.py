@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.errors import CheckpointError
+from kvjax.config import read_utf8
+from kvjax.errors import CheckpointError, reading_metadata
 from kvjax.io.tokenizer import CheckpointTokenizer, tokenizer_from_hf_dir
 
 ARCHITECTURES = ("LlamaForCausalLM",)
@@ -25,10 +26,21 @@ class HFCheckpoint:
       raise CheckpointError(f"{path}: no config.json; an HF checkpoint directory holds "
                             f"config.json and *.safetensors")
     try:
-      self.config: dict[str, Any] = json.loads(config_file.read_text())
+      self.config: dict[str, Any] = json.loads(read_utf8(config_file, "a JSON file"))
     except json.JSONDecodeError as e:
       raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
-    c = self.config
+    if not isinstance(self.config, dict):
+      raise CheckpointError(f"{config_file}: must be a JSON object, got "
+                            f"{type(self.config).__name__}")
+    with reading_metadata(str(config_file)):
+      self._check_supported()
+    self.shards = sorted(path.glob("*.safetensors"))
+    if not self.shards:
+      raise CheckpointError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not "
+                            f"read; convert them with safetensors first)")
+
+  def _check_supported(self) -> None:
+    c, path, config_file = self.config, self.path, self.path / "config.json"
     archs = c.get("architectures") or [c.get("model_type")]
     if not set(archs) & set(ARCHITECTURES):
       raise CheckpointError(f"{path}: architecture {', '.join(map(str, archs))} is not supported; "
@@ -40,10 +52,6 @@ class HFCheckpoint:
     for key, (got, allowed) in unsupported.items():
       if got != allowed:
         raise CheckpointError(f"{config_file}: {key}={got!r} is not supported; allowed: {allowed!r}")
-    self.shards = sorted(path.glob("*.safetensors"))
-    if not self.shards:
-      raise CheckpointError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not "
-                            f"read; convert them with safetensors first)")
 
   def _rope(self) -> dict[str, Any]:
     """RoPE settings: `rope_parameters` (transformers 5) or top-level keys (transformers 4)."""
@@ -56,6 +64,10 @@ class HFCheckpoint:
   @property
   def arch(self) -> dict[str, Any]:
     """The ModelConfig fields this checkpoint fixes."""
+    with reading_metadata(str(self.path / "config.json")):
+      return self._arch()
+
+  def _arch(self) -> dict[str, Any]:
     c = self.config
     heads = c["num_attention_heads"]
     return dict(
@@ -81,4 +93,5 @@ class HFCheckpoint:
     return out
 
   def tokenizer(self) -> CheckpointTokenizer:
-    return tokenizer_from_hf_dir(self.path)
+    with reading_metadata(str(self.path)):
+      return tokenizer_from_hf_dir(self.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax import registry
-from kvjax.config import ModelConfig
+from kvjax.config import ModelConfig, from_dict
 from kvjax.errors import CheckpointError, ConfigError
 from kvjax.models import build_model
 from kvjax.models.llama import stack_layers
@@ -38,9 +39,18 @@ _LAYER = {("attn_norm", "scale"): "input_layernorm", ("mlp_norm", "scale"): "pos
           ("mlp", "down", "kernel"): "mlp.down_proj"}
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
 def config_from_arch(arch: dict[str, Any], base: ModelConfig, weights: str) -> ModelConfig:
-  """`base` with every checkpoint-fixed field (and the trained context length) replaced."""
-  return dataclasses.replace(base, kind="llama", weights=weights, **arch)
+  """`base` with every checkpoint-fixed field (and the trained context length) replaced, each
+  checked like a config value (a damaged file may hold any type, any number)."""
+  values = {**dataclasses.asdict(base), "kind": "llama", "weights": weights, **arch}
+  try:
+    return from_dict(ModelConfig, values, prefix="model")
+  except ConfigError as e:
+    raise CheckpointError(f"{weights}: the checkpoint's architecture is not a valid model "
+                          f"({e})") from None
 
 
 def check_config(cfg: ModelConfig, arch: dict[str, Any], where: str) -> None:
@@ -89,6 +99,11 @@ def params_from_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig, where:
   if cfg.scan_layers:  # checkpoints name layers one by one: fill the unrolled tree, then stack
     unrolled = params_from_tensors(tensors, dataclasses.replace(cfg, scan_layers=False), where)
     return stack_layers(unrolled, cfg)
+  layers = sorted({int(m[1]) for name in tensors if (m := _LAYER_NAME.match(name))})
+  if layers != list(range(cfg.num_layers)):  # checked before a model of that depth is built
+    found = f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers"
+    raise CheckpointError(f"{where}: holds tensors of {found}, the model has "
+                          f"model.num_layers={cfg.num_layers}")
   tokens = jnp.zeros((1, 1), jnp.int32)
   abstract = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), tokens))["params"]
   flat = flax.traverse_util.flatten_dict(abstract)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,29 +24,31 @@ import numpy as np
 from tqdm import tqdm
 
 import kvjax
-from kvjax.cli import UsageError, add_config_args, load_params, usage_errors
+from kvjax.cli import (ArgumentParser, UsageError, add_config_args, check_output, load_params,
+                       seed, usage_errors)
 from kvjax.moa.plan import uniform_plan
 
 COMMANDS = ("plan", "uniform")
+MAX_GRID_POINTS = 10_000  # the search tries every rule on every head: more is a typo
 
 
 def parse_args(argv):
   argv = sys.argv[1:] if argv is None else list(argv)
   command = argv[0] if argv else None
   if command not in COMMANDS:
-    argparse.ArgumentParser(prog="python -m kvjax.moa", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).error(
+    ArgumentParser(prog="python -m kvjax.moa", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter).error(
         f"the first argument must be one of {', '.join(COMMANDS)}")
   prog = f"python -m kvjax.moa {command}"
   if command == "uniform":
-    uni = argparse.ArgumentParser(prog=prog, description="one rule for every head")
+    uni = ArgumentParser(prog=prog, description="one rule for every head")
     uni.add_argument("--config", required=True)
     uni.add_argument("--out", required=True)
     uni.add_argument("--alpha", type=float, default=0.0)
     uni.add_argument("--beta", type=float, default=0.5)
     add_config_args(uni)
     return argparse.Namespace(command=command, **vars(uni.parse_intermixed_args(argv[1:])))
-  plan = argparse.ArgumentParser(prog=prog, description="profile, search and validate a plan")
+  plan = ArgumentParser(prog=prog, description="profile, search and validate a plan")
   plan.add_argument("--config", required=True)
   plan.add_argument("--checkpoint", help="training workdir (else model.weights)")
   plan.add_argument("--out", required=True, help="plan JSON to write")
@@ -59,18 +62,22 @@ def parse_args(argv):
   plan.add_argument("--betas", type=float, nargs=3, default=[0, 1, 0.125],
                     metavar=("FIRST", "LAST", "STEP"))
   plan.add_argument("--max-rules", type=int, default=2, help="distinct rules per layer")
-  plan.add_argument("--seed", type=int, default=0)
+  plan.add_argument("--seed", type=seed, default=0)
   add_config_args(plan)
   return argparse.Namespace(command=command, **vars(plan.parse_intermixed_args(argv[1:])))
 
 
 def grid(first: float, last: float, step: float) -> np.ndarray:
-  if step <= 0 or last < first:
-    raise UsageError(f"a grid needs FIRST <= LAST and STEP > 0, got {first} {last} {step}")
+  if not all(map(math.isfinite, (first, last, step))) or step <= 0 or last < first:
+    raise UsageError(f"a grid needs finite FIRST <= LAST and STEP > 0, got {first} {last} {step}")
+  if (last - first) / step >= MAX_GRID_POINTS:
+    raise UsageError(f"a grid may have at most {MAX_GRID_POINTS:,} points, got FIRST {first} LAST "
+                     f"{last} STEP {step}")
   return np.arange(first, last + step / 2, step)
 
 
 def check_plan_args(args, cfg) -> None:
+  check_output("--out", args.out)
   if not 0.0 < args.density <= 1.0:
     raise UsageError(f"--density must be in (0, 1], got {args.density}")
   for name in ("samples", "val_samples", "response_tokens", "max_rules"):
@@ -145,6 +152,7 @@ def main(argv=None) -> None:
   with usage_errors():
     cfg = kvjax.load_config(args.config, args.overrides)
     if args.command == "uniform":
+      check_output("--out", args.out)
       plan = uniform_plan(cfg.model.num_layers, cfg.model.num_heads, args.alpha, args.beta)
       from kvjax.moa.plan import from_dict  # noqa: PLC0415
       from_dict(json.loads(plan.to_json()), "uniform plan")  # same range checks as a file

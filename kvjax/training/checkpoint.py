@@ -2,21 +2,28 @@
 starts from.
 
 A workdir holds `config.yaml` (the resolved config) and `checkpoints/<step>/` written by an
-async orbax `CheckpointManager` (keep-N; a step appears only once fully written). Each step has
-three items: `params`, `optimizer` (optimizer state, step, RNG) and `data` (the grain iterator
-of every process), so a run resumes exactly where it stopped and a model loads from `params`
-alone.
+async orbax `CheckpointManager` (keep-N; a step appears only once fully written, by an atomic
+rename, and a temporary directory left by a killed writer is removed when the next run starts).
+Each step has three items: `params`, `optimizer` (optimizer state, step, RNG) and `data` (the
+grain iterator of every process), so a run resumes exactly where it stopped and a model loads
+from `params` alone. A step that cannot be read is an error naming it; `train.py
+--resume-from-previous` moves such steps to `unreadable/<step>` and resumes from the newest
+readable one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import types
 from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 import yaml
+from jax.experimental import multihost_utils
 
 from kvjax.checks import load_config
 from kvjax.config import Config, ModelConfig, TrainConfig
@@ -27,6 +34,7 @@ from kvjax.training.params import init_trained, lora_scale, model_params, withou
 from kvjax.training.state import TrainState
 
 CONFIG_FILE = "config.yaml"
+UNREADABLE_DIR = "unreadable"  # where `restore_newest_readable` moves steps it cannot read
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -34,7 +42,11 @@ def checkpoint_dir(workdir: str | Path) -> Path:
 
 
 def save_config(workdir: str | Path, cfg: Config) -> None:
-  (Path(workdir) / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  """Writes `config.yaml` atomically: a run killed meanwhile leaves the old file or the new."""
+  path = Path(workdir) / CONFIG_FILE
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+  os.replace(tmp, path)
 
 
 def check_data_config(workdir: str | Path, cfg: Config) -> None:
@@ -64,8 +76,8 @@ def _manager(workdir: str | Path, options: ocp.CheckpointManagerOptions) -> ocp.
 
 def make_manager(workdir: str | Path, keep: int) -> ocp.CheckpointManager:
   """The manager a training run saves through: async, keeping the latest `keep` steps."""
-  return _manager(workdir, ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                        enable_async_checkpointing=True))
+  return _manager(workdir, ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True))
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iter) -> None:
@@ -77,11 +89,37 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter) -> None:
       data=grain.checkpoint.CheckpointSave(data_iter)))
 
 
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint step whose files cannot be read (not one of another model)."""
+
+  def __init__(self, what: str):
+    super().__init__(f"{what}; `python train.py --resume-from-previous` resumes from the newest "
+                     f"readable checkpoint, or use another workdir")
+    self.what = what
+
+
+def _drop_abandoned_reads(unraisable) -> None:
+  """`sys.unraisablehook` without the noise of a failed restore (see `_quiet_abandoned_reads`)."""
+  coroutine = isinstance(unraisable.object, types.CoroutineType)
+  if coroutine and "/orbax/" in unraisable.object.cr_code.co_filename:
+    return
+  if isinstance(unraisable.exc_value, RuntimeError) and str(
+      unraisable.exc_value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+def _quiet_abandoned_reads() -> None:
+  """When one read of a step fails, orbax's other reads of it end after its event loop has
+  closed, and Python would print a traceback for each ("Event loop is closed") after the
+  one-line error. Set before every restore: they may end before the error reaches this module."""
+  sys.unraisablehook = _drop_abandoned_reads
+
+
 def _unreadable(manager: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointError:
-  reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  return CheckpointError(
-      f"checkpoint step {step} in {manager.directory} cannot be read ({type(e).__name__}: "
-      f"{reason}); delete that step's directory to use an earlier one, or use another workdir")
+  reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See full")[0]
+  return UnreadableCheckpointError(f"checkpoint step {step} in {manager.directory} cannot be "
+                                   f"read ({type(e).__name__}: {reason})")
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -91,6 +129,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
 
 def _check_params(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
   """Raises ConfigError if the model of the current config has other parameters than step's."""
+  _quiet_abandoned_reads()
   try:
     saved = _shapes(manager.item_metadata(step)["params"])
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files
@@ -106,6 +145,7 @@ def _check_params(manager: ocp.CheckpointManager, step: int, abstract_params) ->
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, **items):
+  _quiet_abandoned_reads()
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax and tensorstore raise many types for unreadable files
@@ -125,6 +165,38 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: TrainState,
   opt = restored.optimizer
   return TrainState(step=opt["step"], params=restored.params, opt_state=opt["opt_state"],
                     rng=opt["rng"])
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+  """Moves step's directory (orbax's default name: the step number) to `unreadable/`."""
+  target = Path(manager.directory).parent / UNREADABLE_DIR / str(step)
+  if jax.process_index() == 0:
+    target.parent.mkdir(exist_ok=True)
+    while target.exists():  # a step number set aside before
+      target = target.with_name(target.name + "+")
+    os.replace(Path(manager.directory) / str(step), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"kvjax: checkpoint step {step} set aside")
+  manager.reload()
+  return target
+
+
+def restore_newest_readable(manager: ocp.CheckpointManager, abstract: TrainState,
+                            data_iter) -> TrainState | None:
+  """The newest state that can be read (None: none can), moving every newer step aside.
+
+  A step of another model is still an error (`ConfigError`): stepping back would not help.
+  """
+  start = data_iter.get_state()  # a failed restore may have moved the iterator already
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, step, abstract, data_iter)
+    except UnreadableCheckpointError as e:
+      moved = _set_aside(manager, step)
+      if jax.process_index() == 0:
+        print(f"{e.what}; moved to {moved}", file=sys.stderr)
+  data_iter.set_state(start)
+  return None
 
 
 def load_base(model_cfg: ModelConfig, train_cfg: TrainConfig):

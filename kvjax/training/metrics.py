@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,13 +30,35 @@ def mean_metrics(history: list[dict]) -> dict:
   return {name: np.mean([m[name] for m in history], axis=0) for name in history[0]}
 
 
+def _logged_step(line: str) -> int | None:
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return None
+
+
+def forget_after(path: Path, step: int) -> None:
+  """Drops the records of steps after `step` (and a line torn by a kill) from a metrics file, so
+  a run resumed from the checkpoint at `step` logs those steps once; atomic."""
+  if not path.is_file():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  kept = [line for line in lines
+          if line.endswith("\n") and (s := _logged_step(line)) is not None and s <= step]
+  if kept != lines:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
   """Writes scalars to TensorBoard event files and to `metrics.jsonl`; a no-op when disabled
-  (every process but 0 in a multi-host run)."""
+  (every process but 0 in a multi-host run). `resumed_at`: the step training resumes from."""
 
-  def __init__(self, workdir: Path, enabled: bool):
+  def __init__(self, workdir: Path, enabled: bool, resumed_at: int = 0):
     self.enabled = enabled
     if enabled:
+      forget_after(workdir / METRICS_FILE, resumed_at)
       self._tb = tensorboard.summary.Writer(str(workdir))
       self._jsonl = open(workdir / METRICS_FILE, "a")  # noqa: SIM115 (closed on exit)
 

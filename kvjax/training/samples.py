@@ -6,16 +6,17 @@ import jax
 import numpy as np
 
 from kvjax.config import Config
-from kvjax.data.tokenizers import Tokenizer
+from kvjax.data.tokenizers import Tokenizer, encode_prompt
 from kvjax.decode import SamplingConfig, generate, init_cache
 from kvjax.errors import ConfigError
 
 
 def sample_prompt_ids(cfg: Config, tokenizer: Tokenizer) -> np.ndarray:
-  """`train.sample_prompt` as ids (EOS alone, a document start, for an empty prompt)."""
-  ids = tokenizer.encode(cfg.train.sample_prompt)
-  if len(ids) == 0:
-    ids = np.array([tokenizer.eos_id], np.int32)
+  """`train.sample_prompt` as ids (`encode_prompt`: an empty one starts a document)."""
+  try:
+    ids = encode_prompt(tokenizer, cfg.train.sample_prompt)
+  except ValueError as e:
+    raise ConfigError(f"train.sample_prompt: {e}") from None
   if cfg.train.sample_tokens and len(ids) >= cfg.model.max_seq_len:
     raise ConfigError(f"train.sample_prompt: {len(ids)} tokens leave no room to generate within "
                       f"model.max_seq_len={cfg.model.max_seq_len}")

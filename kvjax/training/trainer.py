@@ -10,12 +10,18 @@ Metrics stay on the device between log, evaluation and checkpoint steps; there t
 fetched and checked. A non-finite loss or gradient stops the run before anything else is saved,
 and a checkpoint of the very parameters that produced it is removed: the latest checkpoint left
 is the last good one, whose own loss and gradient were finite.
+
+SIGTERM or SIGINT during training (`kvjax.training.preemption`) ends the current step, saves that
+step, waits for the checkpoint to commit and returns without evaluating or sampling, so a
+preempted job loses no steps; the next call continues exactly. A process killed outright
+resumes from the last committed checkpoint, and `metrics.jsonl` forgets the steps after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from pathlib import Path
 
 import jax
@@ -29,6 +35,7 @@ from kvjax.data.pipeline import make_data
 from kvjax.models import build_model
 from kvjax.training import checkpoint
 from kvjax.training.metrics import MetricsWriter, Throughput, mean_metrics
+from kvjax.training.preemption import StopSignals
 from kvjax.training.samples import generate_samples, sample_prompt_ids
 from kvjax.training.state import TrainState
 from kvjax.training.step import Steps, compiled_steps
@@ -41,9 +48,10 @@ class NonFiniteLossError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
   step: int  # steps trained in total, earlier runs in the workdir included
-  val_loss: float  # mean loss over the validation batches, nats/token
+  val_loss: float | None  # mean loss over the validation batches, nats/token (None: stopped)
   samples: tuple[str, ...]
   tokens_per_s: float | None  # training throughput of this call (None: under 2 steps ran)
+  stopped_by: signal.Signals | None = None  # the signal that stopped it with a checkpoint
 
 
 def evaluate(eval_step, params, batches: list[jax.Array]) -> float:
@@ -66,22 +74,29 @@ def _check_finite(history: list[dict], first_step: int, manager) -> None:
                                f"{m['loss']}, gradient norm {m['grad_norm']}); stopped, {where}")
 
 
-def _restore_or_init(manager, steps: Steps, seed: int, data_iter) -> TrainState:
-  step = manager.latest_step()
-  if step is None:
-    state = steps.init(jax.random.PRNGKey(seed))
-  else:
+def _restore_or_init(manager, steps: Steps, seed: int, data_iter,
+                     resume_from_previous: bool) -> TrainState:
+  if resume_from_previous:
+    state = checkpoint.restore_newest_readable(manager, steps.abstract, data_iter)
+  elif (step := manager.latest_step()) is not None:
     state = checkpoint.restore(manager, step, steps.abstract, data_iter)
+  else:
+    state = None
+  if state is None:
+    state = steps.init(jax.random.PRNGKey(seed))
   # A copy: the training step donates the whole state, so a second run in this process (on the
   # same compiled steps) would find the frozen base deleted.
   return state.replace(frozen=jax.tree.map(jnp.copy, steps.frozen))
 
 
-def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> TrainResult:
+def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None,
+          resume_from_previous: bool = False) -> TrainResult:
   """Trains (or resumes) the run in `workdir` up to `train.steps`, or up to `stop_at` first.
 
   `stop_at` ends this call early with a checkpoint, as a preempted job would; the learning-rate
   schedule still runs to `train.steps`, so a later call continues the same run exactly.
+  `resume_from_previous` resumes from the newest checkpoint that can be read, moving newer
+  unreadable ones aside (`checkpoint.restore_newest_readable`).
   """
   workdir = Path(workdir)
   checkpoint.check_data_config(workdir, cfg)
@@ -93,14 +108,14 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
   last = min(tcfg.steps, stop_at or tcfg.steps)
   is_main = jax.process_index() == 0
 
-  with checkpoint.make_manager(workdir, tcfg.keep_checkpoints) as manager:
-    state = _restore_or_init(manager, steps, tcfg.seed, data.train)
+  with checkpoint.make_manager(workdir, tcfg.keep_checkpoints) as manager, StopSignals() as stop:
+    state = _restore_or_init(manager, steps, tcfg.seed, data.train, resume_from_previous)
     if is_main:
       checkpoint.save_config(workdir, cfg)
     first = step = int(state.step)
     clock = Throughput(tcfg.batch_size * cfg.data.seq_len)
-    history, unchecked, val_loss, postfix = [], [], None, {}
-    with MetricsWriter(workdir, enabled=is_main) as writer, tqdm(
+    history, unchecked, val_loss, postfix, stopping = [], [], None, {}, False
+    with MetricsWriter(workdir, enabled=is_main, resumed_at=step) as writer, tqdm(
         total=tcfg.steps, initial=step, unit="step", disable=not is_main,
         dynamic_ncols=True) as bar:
       while step < last:
@@ -108,12 +123,16 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
                                                                        steps.mesh))
         step += 1
         unchecked.append(metrics)
+        if len(unchecked) > 1:  # one step in flight: a stop signal is acted on after the
+          jax.block_until_ready(unchecked[-2])  # running step, not after all those queued
         bar.update()
         if step == first + 1:
           jax.block_until_ready(metrics)
           clock.mark(step)
+        stopping = stop.reached(step, manager)
         log, evaluate_now, save_now = (step % every == 0 or step == last for every in (
             tcfg.log_every, tcfg.eval_every, tcfg.checkpoint_every))
+        log, save_now = log or stopping, save_now or stopping
         if not (log or evaluate_now or save_now):
           continue
         fetched = jax.device_get(unchecked)
@@ -136,6 +155,12 @@ def train(cfg: Config, workdir: str | Path, *, stop_at: int | None = None) -> Tr
           checkpoint.save(manager, state, data.train)
         bar.set_postfix(postfix)
         clock.mark(step)
+        if stopping:
+          break
+    if stopping or stop.pending:  # (a signal after the last step skips the samples)
+      manager.wait_until_finished()
+      return TrainResult(step=step, val_loss=None, samples=(), tokens_per_s=clock.total_rate(),
+                         stopped_by=stop.stopped_by)
     if val_loss is None:  # nothing left to train: the run was complete already
       val_loss = evaluate(steps.eval_step, steps.model_params(state), val_batches)
     samples = ()
