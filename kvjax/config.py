@@ -280,7 +280,7 @@ class ModelConfig:
 class DataConfig:
   """Where text comes from and how it becomes token ids."""
 
-  source: str = "shakespeare"  # shakespeare | a path to a text file or a directory of them
+  source: str = "shakespeare"  # shakespeare | web_bible | a path to a text file or directory
   tokenizer: str = "byte"  # byte | gpt2
   seq_len: int = 256
   val_fraction: float = 0.05
@@ -288,7 +288,7 @@ class DataConfig:
   worker_count: int = 0
 
   def __post_init__(self):
-    _require(bool(self.source), "data.source", "'shakespeare' or a path to text files")
+    _require(bool(self.source), "data.source", "'shakespeare', 'web_bible' or a path to text files")
     from kvjax.data.tokenizers import tokenizer_names  # noqa: PLC0415 (avoids a cycle)
 
     _choice(self.tokenizer, "data.tokenizer", tokenizer_names())
