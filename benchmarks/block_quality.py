@@ -14,7 +14,8 @@ English Bible: the loss ratio block / vanilla per seed (paired by data order) wi
 (paper: U-shaped for the block model).
 
 For the loss-matched throughput ratio, vanilla models of 2 and 4 layers (same widths and
-learning rate as the 6-layer one) are trained on the same budget, and every model's decode
+learning rate as the 6-layer one) are trained on the same budget (after the pair, and reported
+once finished on every seed reported), and every model's decode
 throughput is measured side by side at the largest batch whose cache fits a fixed budget
 (block_throughput's decode-heavy setting at CPU scale). The vanilla throughput at the block
 model's mean loss is interpolated along the vanilla ladder (log tokens/s linear in loss between
@@ -51,9 +52,10 @@ VANILLA, BLOCK = "configs/vanilla_5m.yaml", "configs/block_5m.yaml"
 MODELS = {  # name: (config, its own overrides, the family whose swept learning rate it uses)
     "vanilla": (VANILLA, (), "vanilla"),
     "block": (BLOCK, (), "block"),
-    "vanilla_4l": (VANILLA, ("model.num_layers=4",), "vanilla"),
     "vanilla_2l": (VANILLA, ("model.num_layers=2",), "vanilla"),
+    "vanilla_4l": (VANILLA, ("model.num_layers=4",), "vanilla"),
 }
+PAIR = ("vanilla", "block")
 LADDER = ("vanilla_2l", "vanilla_4l", "vanilla")
 PAPER_RATIO = 1.19
 
@@ -86,8 +88,10 @@ def model_run(name: str, lr: float, seed: int, overrides, sweep: bool = False) -
 
 
 def matched_throughput(models: dict, decode: dict, held: str) -> dict:
-  """The vanilla decode throughput at the block model's mean loss, along the vanilla ladder."""
-  ladder = sorted(((models[n][held]["mean"], decode[n]["decode_tokens_per_s"], n) for n in LADDER))
+  """The vanilla decode throughput at the block model's mean loss, along the vanilla ladder
+  (the sizes reported)."""
+  ladder = sorted((models[n][held]["mean"], decode[n]["decode_tokens_per_s"], n)
+                  for n in LADDER if n in models)
   target = models["block"][held]["mean"]
   block_tps = decode["block"]["decode_tokens_per_s"]
   if target <= ladder[0][0] or target >= ladder[-1][0]:
@@ -107,10 +111,14 @@ def matched_throughput(models: dict, decode: dict, held: str) -> dict:
 
 
 def summarize(runs: list[dict], seeds: list[int]) -> dict:
+  """Per model finished on all `seeds` and held-out set: losses, mean and 95% interval, loss by
+  position per seed; the block / vanilla loss ratio per seed (paired by data order)."""
   models = {}
   for name in MODELS:
     mine = sorted((r for r in runs if r["model"] == name and r["seed"] in seeds),
                   key=lambda r: r["seed"])
+    if len(mine) < len(seeds):
+      continue
     models[name] = {"lr": mine[0]["lr"], "seeds": seeds}
     for held in HELD_OUT:
       losses = [r["held_out"][held]["loss"] for r in mine]
@@ -166,13 +174,14 @@ def main() -> None:
             if (r := runner(model_run(name, best[MODELS[name][2]], seed, args.overrides),
                             extras[name]))]
     train_s = time.perf_counter() - t0
-    seeds = seeded_runs.complete_seeds(runs, MODELS)
+    seeds = seeded_runs.complete_seeds(runs, PAIR)
     if not seeds:
-      raise UsageError(f"no seed has finished for every model in {args.workdir}; train first")
+      raise UsageError(f"no seed has finished for both {' and '.join(PAIR)} in {args.workdir}; "
+                       f"train first")
 
   summary = summarize(runs, seeds)
   models = summary["models"]
-  decode = seeded_runs.decode_at_budget({n: c.model for n, c in cfgs.items()},
+  decode = seeded_runs.decode_at_budget({n: cfgs[n].model for n in models},
                                         int(args.cache_budget_mib * 2**20), args.prompt_len,
                                         args.gen_len)
   matched = {held: matched_throughput(models, decode, held) for held in HELD_OUT}
