@@ -19,7 +19,8 @@ once finished on every seed reported), and every model's decode
 throughput is measured side by side at the largest batch whose cache fits a fixed budget
 (block_throughput's decode-heavy setting at CPU scale). The vanilla throughput at the block
 model's mean loss is interpolated along the vanilla ladder (log tokens/s linear in loss between
-the two sizes whose losses bracket it); outside the ladder the nearest size gives a bound.
+the two sizes whose losses bracket it); outside the ladder the fastest (or slowest) size bounds
+the ratio.
 
 `--resume` reads finished runs and continues unfinished ones (a set can span sittings);
 `--report-only` writes the results of the seeds finished so far and trains nothing.
@@ -89,23 +90,30 @@ def model_run(name: str, lr: float, seed: int, overrides, sweep: bool = False) -
 
 def matched_throughput(models: dict, decode: dict, held: str) -> dict:
   """The vanilla decode throughput at the block model's mean loss, along the vanilla ladder
-  (the sizes reported)."""
+  (the sizes reported).
+
+  Between two sizes whose losses bracket the block model's, log tokens/s is interpolated
+  linearly in loss. Outside the ladder a loss-matched vanilla model would be smaller (faster)
+  than every size, or larger (slower): the fastest, or slowest, size then bounds the ratio.
+  """
   ladder = sorted((models[n][held]["mean"], decode[n]["decode_tokens_per_s"], n)
                   for n in LADDER if n in models)
   target = models["block"][held]["mean"]
   block_tps = decode["block"]["decode_tokens_per_s"]
-  if target <= ladder[0][0] or target >= ladder[-1][0]:
-    loss, tps, name = ladder[0] if target <= ladder[0][0] else ladder[-1]
-    how = (f"block loss {target:.4f} is outside the vanilla ladder; matched to the nearest, "
-           f"{name} ({loss:.4f}): the ratio is an "
-           f"{'lower' if target <= ladder[0][0] else 'upper'} bound")
-  else:
-    (l0, t0, n0), (l1, t1, n1) = next((a, b) for a, b in zip(ladder, ladder[1:])
-                                      if a[0] <= target <= b[0])
+  bracket = [(a, b) for a, b in zip(ladder, ladder[1:]) if a[0] <= target <= b[0]]
+  if bracket:
+    (l0, t0, n0), (l1, t1, n1) = bracket[0]
     w = (target - l0) / (l1 - l0)
     tps = math.exp((1 - w) * math.log(t0) + w * math.log(t1))
     how = (f"log tokens/s interpolated in loss between {n0} ({l0:.4f}) and {n1} ({l1:.4f}) at "
            f"the block model's {target:.4f}")
+  else:
+    worse_than_all = target > ladder[-1][0]
+    _, tps, name = (max if worse_than_all else min)(ladder, key=lambda e: e[1])
+    how = (f"block loss {target:.4f} is {'above' if worse_than_all else 'below'} every vanilla "
+           f"size's ({', '.join(f'{n} {l:.4f}' for l, _, n in ladder)}); against the "
+           f"{'fastest' if worse_than_all else 'slowest'}, {name}, the ratio is an "
+           f"{'upper' if worse_than_all else 'lower'} bound")
   return {"held_out": held, "block_loss": target, "vanilla_tokens_per_s": tps,
           "block_tokens_per_s": block_tps, "ratio": block_tps / tps, "how": how}
 
