@@ -155,7 +155,8 @@ def plot(models: dict, block_len: int):
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--workdir", default="runs/block_quality")
   p.add_argument("--resume", action="store_true", help="reuse finished runs, continue the others")
@@ -166,7 +167,7 @@ def main() -> None:
   p.add_argument("--prompt-len", type=int, default=32)
   p.add_argument("--gen-len", type=int, default=512)
   p.add_argument("overrides", nargs="*", metavar="key=value",
-                 help="applied to every config after the budget, e.g. train.steps=4 for a smoke run")
+                 help="applied to every config after the budget (train.steps=4: a smoke run)")
   args = p.parse_args()
   with usage_errors():
     cfgs = {name: model_run(name, 1e-3, 0, args.overrides).cfg() for name in MODELS}
@@ -208,8 +209,7 @@ def main() -> None:
                 "seeds": len(seeds), "loss_ratio": tail["mean"], "loss_ratio_ci95": tail["ci95"],
                 "loss_by_position": models["block"]["tail"]["loss_by_block_position"]},
       "paper_ratio": PAPER_RATIO,
-      "held_out": {"tail": "the last 5% of every play (the trainer's validation split)",
-                   "web_bible": "the World English Bible (Debian sword-text-web), never trained on"},
+      "held_out": HELD_OUT,
       "budget": {"overrides": BUDGET, "tokens": tcfg.steps * tcfg.batch_size * dcfg.seq_len,
                  "eval_tokens_per_set": tcfg.eval_batches * tcfg.batch_size * dcfg.seq_len},
       "overrides": args.overrides, "seeds": seeds, "sweep_lrs": seeded_runs.SWEEP_LRS,

@@ -115,7 +115,7 @@ def main() -> None:
                  help="fixed KV cache budget for the largest-batch comparison")
   p.add_argument("--context", type=int, default=256, help="tokens per sequence in that budget")
   p.add_argument("overrides", nargs="*", metavar="key=value",
-                 help="applied to every config after the budget, e.g. train.steps=4 for a smoke run")
+                 help="applied to every config after the budget (train.steps=4: a smoke run)")
   args = p.parse_args()
   with usage_errors():
     first = Run("mqa", MODELS["mqa"][0], (*BUDGET, *args.overrides), 1e-3, 0).cfg()
@@ -159,8 +159,7 @@ def main() -> None:
                  "kv_bytes_per_token": m["kv_bytes_per_token"]} for name, m in models.items()}},
       "paper": "MQA-CLA2 at half the KV bytes loses little to MQA and beats half-head MQA at "
                "equal bytes (arXiv 2405.12981)",
-      "held_out": {"tail": "the last 5% of every play (the trainer's validation split)",
-                   "web_bible": "the World English Bible (Debian sword-text-web), never trained on"},
+      "held_out": HELD_OUT,
       "budget": {"overrides": BUDGET, "tokens": tokens,
                  "eval_tokens_per_set": first.train.eval_batches * first.train.batch_size
                  * first.data.seq_len},

@@ -3,9 +3,10 @@
 A run lives in `<workdir>/<tag>`. Once trained it is scored on two held-out sets and the record
 is written beside its checkpoints (`result.json`, atomically); with `resume` that record is read
 instead, so a finished run is never trained or scored again, and an unfinished one continues
-from its latest checkpoint (the trainer resumes exactly): a set of runs can span sittings. The held-out sets: the tail of every
-training document (the trainer's validation split, in distribution) and windows spread evenly
-over the World English Bible (another author and register, never trained on).
+from its latest checkpoint (the trainer resumes exactly): a set of runs can span sittings. The
+held-out sets: the tail of every training document (the trainer's validation split, in
+distribution) and windows spread evenly over the World English Bible (another author and
+register, never trained on).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from kvjax.training import restore_params, train
 from kvjax.training.loss import loss_fn_for
 
 RESULT_FILE = "result.json"
-HELD_OUT = ("tail", "web_bible")
+HELD_OUT = {"tail": "the last 5% of every play (the trainer's validation split)",
+            "web_bible": "the World English Bible (Debian sword-text-web), never trained on"}
 SWEEP_LRS = (1e-3, 3e-3, 1e-2)
 # Every model's budget: 250 steps x 16 x 256 = 1,024,000 training tokens (bytes); 5% warmup;
 # a checkpoint every 50 steps so that a run stopped part-way loses little.

@@ -105,7 +105,7 @@ def test_web_bible_is_plain_text_of_every_book():
   text = "".join(books)
   assert len(books) == 124 and 4_800_000 < len(text) < 5_100_000
   assert "\nIn the beginning, God created the heavens and the earth. The earth" in text
-  assert "\nThe book of the genealogy of Jesus Christ, the son of David, the son of Abraham.\n" in text
+  assert "\nThe book of the genealogy of Jesus Christ, the son of David, the son of" in text
   assert "\nJesus wept.\n" in text
   assert text.index("In the beginning, God") < text.index("Jesus wept.")
   for markup in ("<", ">", "&amp;", "lemma", "strong:"):

@@ -74,7 +74,8 @@ def fetch_deb(requirement: str) -> Path:
       subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/root"], capture_output=True, text=True,
                      check=True)
     except (OSError, StopIteration, subprocess.CalledProcessError) as e:
-      why = ((getattr(e, "stderr", None) or "").strip().splitlines() or [str(e) or type(e).__name__])[-1]
+      lines = (getattr(e, "stderr", None) or "").strip().splitlines()
+      why = (lines or [str(e) or type(e).__name__])[-1]
       raise FetchError(f"could not fetch {requirement} into {out} ({why}); on a Debian machine "
                        f"with its package lists run `apt-get download {requirement}` and "
                        f"`dpkg-deb -x {name}_*.deb {out}`, or set {CACHE_ENV} to a cache that "
