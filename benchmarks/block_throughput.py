@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import kvjax  # noqa: E402
-from benchmarks.cla import cache_bytes, largest_batch  # noqa: E402
+from benchmarks.seeded_runs import cache_bytes, largest_batch  # noqa: E402
 from benchmarks.common import save_plot, write_json  # noqa: E402
 from kvjax.cli import UsageError, usage_errors  # noqa: E402
 from kvjax.decode.throughput import measure  # noqa: E402

