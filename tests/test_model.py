@@ -61,10 +61,10 @@ def test_causality(built):
   cfg, model, params = built
   tokens = random_tokens(1, 10, seed=2)
 
-  def logits_given(delta_BxTxD):
+  def logits_given(delta_BxTxE):
     def add_delta(next_fun, args, kwargs, context):
       out = next_fun(*args, **kwargs)
-      return out + delta_BxTxD if context.method_name == "encode" else out
+      return out + delta_BxTxE if context.method_name == "encode" else out
     with nn.intercept_methods(add_delta):
       return model.apply({"params": params}, tokens)
 

@@ -17,9 +17,9 @@ class SwiGLU(nn.Module):
                     param_dtype=self.param_dtype, name=name)
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    d = x_BxTxD.shape[-1]
-    gate_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "gate")(x_BxTxD)
-    up_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "up")(x_BxTxD)
+  def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
+    d = x_BxTxE.shape[-1]
+    gate_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "gate")(x_BxTxE)
+    up_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "up")(x_BxTxE)
     h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
     return self._dense(d, ("mlp", "embed"), "down")(h_BxTxF)

@@ -11,9 +11,9 @@ class RMSNorm(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
     scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                         (x_BxTxD.shape[-1],), self.param_dtype)
-    x = x_BxTxD.astype(jnp.float32)
+                         (x_BxTxE.shape[-1],), self.param_dtype)
+    x = x_BxTxE.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D.astype(jnp.float32)).astype(self.dtype)

@@ -13,14 +13,14 @@ from kvjax.moa.plan import Plan
 from kvjax.moa.profile import block_influence, masked_loss
 
 
-def mean_influence(model, params, tokens_SxN, weights_SxN, *, block: int,
+def mean_influence(model, params, tokens_BxT, weights_BxT, *, block: int,
                    progress: Callable = lambda x: x) -> np.ndarray:
   """`[L, H, M, M]` block influence averaged over the samples (one at a time, for memory)."""
   total = 0.0
-  for i in progress(range(len(tokens_SxN))):
-    e = block_influence(model, params, tokens_SxN[i:i + 1], weights_SxN[i:i + 1], block=block)
+  for i in progress(range(len(tokens_BxT))):
+    e = block_influence(model, params, tokens_BxT[i:i + 1], weights_BxT[i:i + 1], block=block)
     total = total + jax.device_get(e[:, 0])
-  return total / len(tokens_SxN)
+  return total / len(tokens_BxT)
 
 
 def plan_masks(plan: Plan, n: int, block: int, sink: int) -> np.ndarray:

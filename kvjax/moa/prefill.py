@@ -28,21 +28,21 @@ def _band_attention(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, num_local: int, block: int,
                             + np.arange(num_local)[None]], axis=1)
   live_MxJ = np.concatenate([(m_M >= num_local)[:, None], idx_MxJ[:, 1:] >= 0], axis=1)
   idx_MxJ = np.maximum(idx_MxJ, 0)
-  q_pos_MxQ = m_M[:, None] * block + np.arange(block)
-  k_pos_MxJxK = idx_MxJ[..., None] * block + np.arange(block)
-  mask_MxQxJxK = (live_MxJ[:, None, :, None]
-                  & (k_pos_MxJxK[:, None] <= q_pos_MxQ[:, :, None, None])
+  q_pos_MxC = m_M[:, None] * block + np.arange(block)
+  k_pos_MxJxC = idx_MxJ[..., None] * block + np.arange(block)
+  mask_MxCxJxC = (live_MxJ[:, None, :, None]
+                  & (k_pos_MxJxC[:, None] <= q_pos_MxC[:, :, None, None])
                   & ((np.arange(idx_MxJ.shape[1]) > 0)[None, None, :, None]
-                     | (k_pos_MxJxK[:, None] < sink)))
+                     | (k_pos_MxJxC[:, None] < sink)))
   blocks = lambda x: x.reshape(b, nb, block, h, d)
-  k_BxMxJxKxHxD = blocks(k_BxTxHxD)[:, idx_MxJ]
-  v_BxMxJxKxHxD = blocks(v_BxTxHxD)[:, idx_MxJ]
-  logits = jnp.einsum("bmqhd,bmjkhd->bhmqjk", blocks(q_BxTxHxD), k_BxMxJxKxHxD,
+  k_BxMxJxCxHxD = blocks(k_BxTxHxD)[:, idx_MxJ]
+  v_BxMxJxCxHxD = blocks(v_BxTxHxD)[:, idx_MxJ]
+  logits = jnp.einsum("bmqhd,bmjkhd->bhmqjk", blocks(q_BxTxHxD), k_BxMxJxCxHxD,
                       preferred_element_type=jnp.float32) * (d ** -0.5)
-  logits = jnp.where(mask_MxQxJxK, logits, NEG_INF)
+  logits = jnp.where(mask_MxCxJxC, logits, NEG_INF)
   shape = logits.shape
   probs = jax.nn.softmax(logits.reshape(*shape[:4], -1), axis=-1).reshape(shape)
-  out = jnp.einsum("bhmqjk,bmjkhd->bmqhd", probs.astype(v_BxTxHxD.dtype), v_BxMxJxKxHxD)
+  out = jnp.einsum("bhmqjk,bmjkhd->bmqhd", probs.astype(v_BxTxHxD.dtype), v_BxMxJxCxHxD)
   return out.reshape(b, t, h, d)
 
 

@@ -24,8 +24,8 @@ from kvjax.moa.plan import Plan, cache_size
 class SearchSpace:
   rules: np.ndarray  # R x 2: (alpha, beta)
   lengths: tuple[int, ...]
-  loss_NxKxR: np.ndarray  # per length, per (layer, KV head) in order, per rule
-  density_NxR: np.ndarray  # kept fraction of the KV cache
+  loss_UxKxZ: np.ndarray  # per length, per (layer, KV head) in order, per rule
+  density_UxZ: np.ndarray  # kept fraction of the KV cache
   num_layers: int
 
 
@@ -53,14 +53,14 @@ def build_space(influence: dict[int, np.ndarray], rules: np.ndarray, *, num_kv_h
   for n in lengths:
     e_LxHxMxM = influence[n]
     layers, heads, m, _ = e_LxHxMxM.shape
-    size_R = cache_size(np.floor(rules[:, 0] + rules[:, 1] * n).astype(np.int64), n, block)
-    num_local_R = -(-(size_R - sink) // block)
-    dropped_RxMxM = np.stack([dropped_blocks(int(nl), m) for nl in num_local_R])
-    loss_LxHxR = np.einsum("lhij,rij->lhr", e_LxHxMxM, dropped_RxMxM.astype(float))
+    size_Z = cache_size(np.floor(rules[:, 0] + rules[:, 1] * n).astype(np.int64), n, block)
+    num_local_Z = -(-(size_Z - sink) // block)
+    dropped_ZxMxM = np.stack([dropped_blocks(int(nl), m) for nl in num_local_Z])
+    loss_LxHxZ = np.einsum("lhij,rij->lhr", e_LxHxMxM, dropped_ZxMxM.astype(float))
     g = heads // num_kv_heads
-    losses.append(loss_LxHxR.reshape(layers, num_kv_heads, g, -1).sum(axis=2)
+    losses.append(loss_LxHxZ.reshape(layers, num_kv_heads, g, -1).sum(axis=2)
                   .reshape(layers * num_kv_heads, -1))
-    densities.append(np.minimum(size_R, n) / n)
+    densities.append(np.minimum(size_Z, n) / n)
   return SearchSpace(rules, lengths, np.stack(losses), np.stack(densities), layers)
 
 
@@ -89,12 +89,12 @@ def check_feasible(rules: np.ndarray, lengths: Sequence[int], *, num_layers: int
 
 def solve(space: SearchSpace, *, budget: float, max_rules: int, weights: np.ndarray,
           caps: np.ndarray | None = None, time_limit: float = 60.0) -> np.ndarray | None:
-  """Rule index per (layer, KV head) minimising `sum_N weights[N] * loss_N`, with
-  `loss_N <= caps[N]` where given; None if infeasible."""
-  n_len, n_heads, n_rules = space.loss_NxKxR.shape
+  """Rule index per (layer, KV head) minimising `sum_U weights[U] * loss_U`, with
+  `loss_U <= caps[U]` where given; None if infeasible."""
+  n_len, n_heads, n_rules = space.loss_UxKxZ.shape
   per_layer = n_heads // space.num_layers
   nx, ny = n_heads * n_rules, space.num_layers * n_rules
-  c = np.concatenate([np.einsum("n,nkr->kr", weights, space.loss_NxKxR).ravel(), np.zeros(ny)])
+  c = np.concatenate([np.einsum("n,nkr->kr", weights, space.loss_UxKxZ).ravel(), np.zeros(ny)])
   rows, lo, hi = [], [], []
 
   def add(row, lower, upper):
@@ -106,10 +106,10 @@ def solve(space: SearchSpace, *, budget: float, max_rules: int, weights: np.ndar
     add(sparse.coo_array((np.ones(n_rules), ([0] * n_rules, k * n_rules + np.arange(n_rules))),
                          shape=(1, nx + ny)), 1, 1)
   for i in range(n_len):  # mean density within [0.9, 1] x budget
-    add(np.concatenate([np.tile(space.density_NxR[i], n_heads) / n_heads, np.zeros(ny)])[None],
+    add(np.concatenate([np.tile(space.density_UxZ[i], n_heads) / n_heads, np.zeros(ny)])[None],
         0.9 * budget, budget)
     if caps is not None and np.isfinite(caps[i]):
-      add(np.concatenate([space.loss_NxKxR[i].ravel(), np.zeros(ny)])[None], -np.inf, caps[i])
+      add(np.concatenate([space.loss_UxKxZ[i].ravel(), np.zeros(ny)])[None], -np.inf, caps[i])
   link = sparse.lil_array((nx, nx + ny))  # x[k, r] <= used[layer(k), r]
   for k in range(n_heads):
     for r in range(n_rules):
@@ -156,11 +156,11 @@ def candidates(space: SearchSpace, *, budget: float, max_rules: int = 2,
 
 def loss_of(space: SearchSpace, choice: np.ndarray) -> np.ndarray:
   """Profiled loss at each length of one rule per head."""
-  return space.loss_NxKxR[:, np.arange(len(choice)), choice].sum(axis=1)
+  return space.loss_UxKxZ[:, np.arange(len(choice)), choice].sum(axis=1)
 
 
 def density_of(space: SearchSpace, choice: np.ndarray) -> np.ndarray:
-  return space.density_NxR[:, choice].mean(axis=1)
+  return space.density_UxZ[:, choice].mean(axis=1)
 
 
 def to_plan(space: SearchSpace, choice: np.ndarray, num_heads: int) -> Plan:

@@ -73,12 +73,12 @@ class DecoderStack(Transformer):
   no token embedding, no head."""
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, cache=None):
+  def __call__(self, x_BxTxE, positions_BxT, cache=None):
     cfg = self.cfg
-    x_BxTxD, cache = self._blocks(x_BxTxD, positions_BxT, cache)
-    x_BxTxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
-                      name="final_norm")(x_BxTxD)
-    return x_BxTxD, cache
+    x_BxTxE, cache = self._blocks(x_BxTxE, positions_BxT, cache)
+    x_BxTxE = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
+                      name="final_norm")(x_BxTxE)
+    return x_BxTxE, cache
 
 
 class BlockTransformer(nn.Module):
@@ -127,41 +127,41 @@ class BlockTransformer(nn.Module):
   # ---------------------------------------------------------------------------------------------
   # The pieces.
 
-  def embed_blocks(self, blocks_BxNxL: jax.Array) -> jax.Array:
-    """Concatenates the lookup embeddings of each block's tokens: [B, N, L] -> [B, N, d_block]."""
-    b, n, _ = blocks_BxNxL.shape
-    return self.lookup(blocks_BxNxL).reshape(b, n, -1)
+  def embed_blocks(self, blocks_BxMxC: jax.Array) -> jax.Array:
+    """Concatenates the lookup embeddings of each block's tokens: [B, M, C] -> [B, M, E]."""
+    b, n, _ = blocks_BxMxC.shape
+    return self.lookup(blocks_BxMxC).reshape(b, n, -1)
 
-  def contexts(self, blocks_BxNxL: jax.Array, cache=None):
-    """Block decoder over the start embedding then the N blocks, from block position 0.
+  def contexts(self, blocks_BxMxC: jax.Array, cache=None):
+    """Block decoder over the start embedding then the M blocks, from block position 0.
 
-    Returns the N + 1 contexts `[B, N + 1, d_block]` (context i has seen blocks < i) and cache.
+    Returns the M + 1 contexts `[B, M + 1, E]` (context i has seen blocks < i) and the cache.
     """
-    b = blocks_BxNxL.shape[0]
-    start_Bx1xD = jnp.broadcast_to(self.start.astype(jnp.dtype(self.cfg.dtype)),
+    b = blocks_BxMxC.shape[0]
+    start_Bx1xE = jnp.broadcast_to(self.start.astype(jnp.dtype(self.cfg.dtype)),
                                    (b, 1, self.start.shape[0]))
-    x_BxMxD = jnp.concatenate([start_Bx1xD, self.embed_blocks(blocks_BxNxL)], axis=1)
-    return self.block_decoder(x_BxMxD, _arange(b, x_BxMxD.shape[1]), cache)
+    x_BxMxE = jnp.concatenate([start_Bx1xE, self.embed_blocks(blocks_BxMxC)], axis=1)
+    return self.block_decoder(x_BxMxE, _arange(b, x_BxMxE.shape[1]), cache)
 
-  def decode_blocks(self, ctx_BxNxD: jax.Array, blocks_BxNxL: jax.Array) -> jax.Array:
-    """Teacher-forced token decoder: logits `[B, N, L, V]`, entry j predicting token j of a block."""
-    b, n, length = blocks_BxNxL.shape
+  def decode_blocks(self, ctx_BxMxE: jax.Array, blocks_BxMxC: jax.Array) -> jax.Array:
+    """Teacher-forced token decoder: logits `[B, M, C, V]`, entry j predicting token j of a block."""
+    b, n, length = blocks_BxMxC.shape
     r = self.cfg.block.num_prefix
-    prefix_BxNxRxE = self.prefix(ctx_BxNxD)
-    x_BxNxLxE = self.token_embed.encode(blocks_BxNxL[..., :-1])
-    seq_GxSxE = jnp.concatenate([prefix_BxNxRxE, x_BxNxLxE], axis=2).reshape(
+    prefix_BxMxRxE = self.prefix(ctx_BxMxE)
+    x_BxMxCxE = self.token_embed.encode(blocks_BxMxC[..., :-1])
+    seq_BMxTxE = jnp.concatenate([prefix_BxMxRxE, x_BxMxCxE], axis=2).reshape(
         b * n, r + length - 1, -1)
-    h_GxSxE, _ = self.token_decoder(seq_GxSxE, _arange(b * n, r + length - 1))
-    logits_GxLxV = self.token_embed.decode(h_GxSxE[:, r - 1:]).astype(jnp.float32)
-    return logits_GxLxV.reshape(b, n, length, -1)
+    h_BMxTxE, _ = self.token_decoder(seq_BMxTxE, _arange(b * n, r + length - 1))
+    logits_BMxCxV = self.token_embed.decode(h_BMxTxE[:, r - 1:]).astype(jnp.float32)
+    return logits_BMxCxV.reshape(b, n, length, -1)
 
-  def start_block(self, ctx_BxD: jax.Array, local_cache):
+  def start_block(self, ctx_BxE: jax.Array, local_cache):
     """Token decoder prefill of a new block: only the R prefix vectors.
 
     Returns the logits of the block's first token and the local cache. Slots R.. keep what the
     previous block left there: the causal mask hides it and the block's tokens overwrite it.
     """
-    prefix_BxRxE = self.prefix(ctx_BxD)
+    prefix_BxRxE = self.prefix(ctx_BxE)
     b, r, _ = prefix_BxRxE.shape
     h_BxRxE, local_cache = self.token_decoder(prefix_BxRxE, _arange(b, r), local_cache)
     return self.token_embed.decode(h_BxRxE[:, -1]).astype(jnp.float32), local_cache
@@ -178,14 +178,14 @@ class BlockTransformer(nn.Module):
     b, t = tokens_BxT.shape
     length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
     n = t // length  # complete blocks: the block decoder sees only these
-    ctx_BxMxD, block_cache = self.contexts(tokens_BxT[:, :n * length].reshape(b, n, length),
+    ctx_BxMxE, block_cache = self.contexts(tokens_BxT[:, :n * length].reshape(b, n, length),
                                            block_cache)
     # The token decoder runs on every block that holds a target; it is causal, so the pad
     # filling the last block changes nothing before it.
-    padded_BxU = jnp.pad(tokens_BxT, ((0, 0), (0, (n + 1) * length - t)), constant_values=pad)
-    logits_BxMxLxV = self.decode_blocks(ctx_BxMxD, padded_BxU.reshape(b, n + 1, length))
-    logits_BxTxV = logits_BxMxLxV.reshape(b, (n + 1) * length, -1)[:, 1:t + 1]
-    return logits_BxTxV, ctx_BxMxD, block_cache
+    padded_BxT = jnp.pad(tokens_BxT, ((0, 0), (0, (n + 1) * length - t)), constant_values=pad)
+    logits_BxMxCxV = self.decode_blocks(ctx_BxMxE, padded_BxT.reshape(b, n + 1, length))
+    logits_BxTxV = logits_BxMxCxV.reshape(b, (n + 1) * length, -1)[:, 1:t + 1]
+    return logits_BxTxV, ctx_BxMxE, block_cache
 
   def prefill(self, tokens_BxT: jax.Array, lengths_B: jax.Array, cache: BlockCache):
     """Right-padded prompts of `lengths_B` tokens, each left-padded to end at a block boundary.
@@ -196,17 +196,17 @@ class BlockTransformer(nn.Module):
     b, t = tokens_BxT.shape
     length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
     shift_B = (-lengths_B.astype(jnp.int32)) % length
-    src_BxW = _arange(b, t + length - 1) - shift_B[:, None]
-    padded_BxW = jnp.where(
-        src_BxW >= 0, jnp.take_along_axis(tokens_BxT, jnp.clip(src_BxW, 0, t - 1), axis=1), pad)
+    src_BxT = _arange(b, t + length - 1) - shift_B[:, None]
+    padded_BxT = jnp.where(
+        src_BxT >= 0, jnp.take_along_axis(tokens_BxT, jnp.clip(src_BxT, 0, t - 1), axis=1), pad)
     next_block_B = (lengths_B + shift_B) // length
     # The block decoder's prompt: the start embedding and the prompt's complete blocks.
     blocks = cache.blocks.with_prompt_lengths(next_block_B + 1)
-    logits_BxWxV, ctx_BxMxD, blocks = self.forward(padded_BxW, blocks)
-    logits_BxTxV = jnp.take_along_axis(logits_BxWxV, _arange(b, t, shift_B[:, None])[..., None],
-                                       axis=1)
-    ctx_BxD = jnp.take_along_axis(ctx_BxMxD, next_block_B[:, None, None], axis=1)[:, 0]
-    _, local = self.start_block(ctx_BxD, cache.local)
+    padded_logits_BxTxV, ctx_BxMxE, blocks = self.forward(padded_BxT, blocks)
+    logits_BxTxV = jnp.take_along_axis(padded_logits_BxTxV,
+                                       _arange(b, t, shift_B[:, None])[..., None], axis=1)
+    ctx_BxE = jnp.take_along_axis(ctx_BxMxE, next_block_B[:, None, None], axis=1)[:, 0]
+    _, local = self.start_block(ctx_BxE, cache.local)
     return logits_BxTxV, cache.replace(blocks=blocks, local=local, shift=shift_B,
                                        block_tokens=jnp.full_like(cache.block_tokens, pad))
 
@@ -230,9 +230,9 @@ class BlockTransformer(nn.Module):
       return mdl.token_embed.decode(h_Bx1xE[:, 0]).astype(jnp.float32), cache.replace(local=local)
 
     def next_block(mdl, cache):
-      ctx_Bx1xD, blocks = mdl.block_decoder(mdl.embed_blocks(cache.block_tokens[:, None]),
+      ctx_Bx1xE, blocks = mdl.block_decoder(mdl.embed_blocks(cache.block_tokens[:, None]),
                                             (q_B // length + 1)[:, None], cache.blocks)
-      logits_BxV, local = mdl.start_block(ctx_Bx1xD[:, 0], cache.local)
+      logits_BxV, local = mdl.start_block(ctx_Bx1xE[:, 0], cache.local)
       return logits_BxV, cache.replace(blocks=blocks, local=local)
 
     logits_BxV, cache = nn.cond(jnp.all(j_B == length - 1), next_block, within_block, self, cache)

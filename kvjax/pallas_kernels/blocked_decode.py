@@ -32,7 +32,7 @@ def default_backend() -> str:
 
 @functools.partial(jax.jit, static_argnames=("layout", "block_size", "num_splits", "backend",
                                              "interpret", "blocks_per_chunk"))
-def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxC: jax.Array, v_LxBxNxC: jax.Array,
+def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxW: jax.Array, v_LxBxNxW: jax.Array,
                    layer: jax.Array, num_tokens_BxK: jax.Array, table_BxKxM: jax.Array | None, *,
                    layout: str, block_size: int | None, num_splits: int | None = None,
                    backend: str | None = None, interpret=None,
@@ -55,11 +55,11 @@ def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxC: jax.Array, v_LxBxNxC: jax.Arra
   backend = backend or default_backend()
   if backend not in BACKEND_PLATFORM:
     raise ValueError(f"backend must be one of {', '.join(BACKEND_PLATFORM)}, got {backend!r}")
-  if k_LxBxNxC.shape != v_LxBxNxC.shape or k_LxBxNxC.shape[3] not in (d, k * d):
+  if k_LxBxNxW.shape != v_LxBxNxW.shape or k_LxBxNxW.shape[3] not in (d, k * d):
     raise ValueError(f"K/V buffers must share a [.., N, K*D] or [.., N, D] shape with D={d}, "
-                     f"K={k}; got {k_LxBxNxC.shape} and {v_LxBxNxC.shape}")
+                     f"K={k}; got {k_LxBxNxW.shape} and {v_LxBxNxW.shape}")
   verdict = eligibility(BACKEND_PLATFORM[backend], layout, num_heads=h, num_kv_heads=k,
-                        head_dim=d, rows=k_LxBxNxC.shape[2], dtype=k_LxBxNxC.dtype,
+                        head_dim=d, rows=k_LxBxNxW.shape[2], dtype=k_LxBxNxW.dtype,
                         block_size=block_size)
   if not verdict.ok:
     raise ValueError(verdict.reason)
@@ -72,8 +72,8 @@ def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxC: jax.Array, v_LxBxNxC: jax.Arra
     decode = functools.partial(decode_tpu, block_size=block_size,
                                blocks_per_chunk=blocks_per_chunk,
                                interpret=tpu_interpret_params() if interpret is True else interpret)
-  out_BxKxGxD = decode(q_BxHxD.reshape(b, k, h // k, d).astype(k_LxBxNxC.dtype),  # one dtype
-                       k_LxBxNxC, v_LxBxNxC, jnp.asarray(layer, jnp.int32).reshape(1),
+  out_BxKxGxD = decode(q_BxHxD.reshape(b, k, h // k, d).astype(k_LxBxNxW.dtype),  # one dtype
+                       k_LxBxNxW, v_LxBxNxW, jnp.asarray(layer, jnp.int32).reshape(1),
                        num_tokens_BxK.astype(jnp.int32),
                        None if table_BxKxM is None else table_BxKxM.astype(jnp.int32),
                        num_splits=num_splits)

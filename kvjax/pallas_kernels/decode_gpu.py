@@ -81,22 +81,22 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, num_splits: int, 
     l_ref[pl.ds(r * per, per), :] = l
 
 
-def decode_gpu(q_BxKxGxD, k_LxBxNxC, v_LxBxNxC, layer_1, num_tokens_BxK, table_BxKxM, *,
+def decode_gpu(q_BxKxGxD, k_LxBxNxW, v_LxBxNxW, layer_1, num_tokens_BxK, table_BxKxM, *,
                block_size: int, num_splits: int | None, interpret, num_warps: int = 4,
                num_stages: int = 2) -> jax.Array:
   """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout."""
   b, k, g, d = q_BxKxGxD.shape
-  max_blocks = (-(-k_LxBxNxC.shape[2] // block_size) if table_BxKxM is None
+  max_blocks = (-(-k_LxBxNxW.shape[2] // block_size) if table_BxKxM is None
                 else table_BxKxM.shape[2])
   num_splits = num_splits or gpu_num_splits(b, k, max_blocks)
-  fma = uses_fma(g, k_LxBxNxC.dtype)
+  fma = uses_fma(g, k_LxBxNxW.dtype)
   rows, dp = (g, pow2_at_least(d)) if fma else (pow2_at_least(g, MIN_DOT_DIM),
                                                 pow2_at_least(d, MIN_DOT_DIM))
   q_BxKxRxDp = jnp.pad(q_BxKxGxD, ((0, 0), (0, 0), (0, rows - g), (0, dp - d)))
   tables = () if table_BxKxM is None else (table_BxKxM,)
   kernel = functools.partial(
       _kernel, block_size=block_size, num_splits=num_splits, head_dim=d,
-      row_groups=rows if fma else 1, per_head_columns=k_LxBxNxC.shape[3] != d,
+      row_groups=rows if fma else 1, per_head_columns=k_LxBxNxW.shape[3] != d,
       has_table=bool(tables), fma=fma, scale=d ** -0.5)
   part_spec = lambda last: pl.BlockSpec((None, None, None, rows, last),
                                         lambda i, h, s: (i, h, s, 0, 0))
@@ -112,5 +112,5 @@ def decode_gpu(q_BxKxGxD, k_LxBxNxC, v_LxBxNxC, layer_1, num_tokens_BxK, table_B
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="blocked_decode",
-  )(layer_1, num_tokens_BxK, *tables, q_BxKxRxDp, k_LxBxNxC, v_LxBxNxC)
+  )(layer_1, num_tokens_BxK, *tables, q_BxKxRxDp, k_LxBxNxW, v_LxBxNxW)
   return combine_splits(acc, m, l)[:, :, :g, :d]

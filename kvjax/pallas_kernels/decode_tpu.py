@@ -81,20 +81,20 @@ def tpu_num_splits(batch: int, num_tiles: int, max_blocks: int) -> int:
 def block_diagonal(q_BxKxGxD: jax.Array, per_tile: int, rows: int) -> jax.Array:
   """`[B, K/t, rows, t*D]`: each tile's query heads on the diagonal (zero rows padded)."""
   b, k, g, d = q_BxKxGxD.shape
-  q_BxTxIxGx1xD = q_BxKxGxD.reshape(b, k // per_tile, per_tile, g, 1, d)
-  eye_IxGxJx1 = jnp.eye(per_tile, dtype=bool)[:, None, :, None]
-  q_bd = jnp.where(eye_IxGxJx1, q_BxTxIxGx1xD, 0).reshape(b, k // per_tile, per_tile * g,
+  q_BxXxYxGx1xD = q_BxKxGxD.reshape(b, k // per_tile, per_tile, g, 1, d)
+  eye_YxGxYx1 = jnp.eye(per_tile, dtype=bool)[:, None, :, None]
+  q_bd = jnp.where(eye_YxGxYx1, q_BxXxYxGx1xD, 0).reshape(b, k // per_tile, per_tile * g,
                                                           per_tile * d)
   return jnp.pad(q_bd, ((0, 0), (0, 0), (0, rows - per_tile * g), (0, 0)))
 
 
-def diagonal_blocks(out_BxTxRxW: jax.Array, per_tile: int, group: int) -> jax.Array:
+def diagonal_blocks(out_BxXxQxW: jax.Array, per_tile: int, group: int) -> jax.Array:
   """Inverse of `block_diagonal` on the result: `[B, K, G, D]`."""
-  b, t, _, w = out_BxTxRxW.shape
+  b, t, _, w = out_BxXxQxW.shape
   d = w // per_tile
-  blocks = out_BxTxRxW[:, :, :per_tile * group].reshape(b, t, per_tile, group, per_tile, d)
-  out_BxTxGxDxI = jnp.diagonal(blocks, axis1=2, axis2=4)
-  return jnp.moveaxis(out_BxTxGxDxI, -1, 2).reshape(b, t * per_tile, group, d)
+  blocks = out_BxXxQxW[:, :, :per_tile * group].reshape(b, t, per_tile, group, per_tile, d)
+  out_BxXxGxDxY = jnp.diagonal(blocks, axis1=2, axis2=4)
+  return jnp.moveaxis(out_BxXxGxDxY, -1, 2).reshape(b, t * per_tile, group, d)
 
 
 def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk: int,

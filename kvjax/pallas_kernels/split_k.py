@@ -43,25 +43,25 @@ def _dot(a, b, contract_b: int, fma: bool):
                              preferred_element_type=jnp.float32)
 
 
-def online_softmax_step(q_GxD, k_SxD, v_SxD, first_pos, end, m_Gx1, l_Gx1, acc_GxD, *,
+def online_softmax_step(q_QxW, k_SxW, v_SxW, first_pos, end, m_Qx1, l_Qx1, acc_QxW, *,
                         scale: float, fma: bool = False):
   """Folds S keys, the list's positions `first_pos .. first_pos+S-1`, into the partial.
 
   Positions `>= end` are masked and their V rows zeroed, so whatever the buffer holds there
   (stale or uninitialised memory, NaN included) cannot leak into the result.
   """
-  s = k_SxD.shape[0]
+  s = k_SxW.shape[0]
   valid_1xS = first_pos + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < end
   valid_Sx1 = first_pos + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < end
-  logits_GxS = jnp.where(valid_1xS, _dot(q_GxD, k_SxD, 1, fma) * scale, NEG_INF)
-  m_new_Gx1 = jnp.maximum(m_Gx1, logits_GxS.max(axis=1, keepdims=True))
-  alpha_Gx1 = jnp.exp(m_Gx1 - m_new_Gx1)
-  p_GxS = jnp.where(valid_1xS, jnp.exp(logits_GxS - m_new_Gx1), 0.0)
-  l_Gx1 = alpha_Gx1 * l_Gx1 + p_GxS.sum(axis=1, keepdims=True)
+  logits_QxS = jnp.where(valid_1xS, _dot(q_QxW, k_SxW, 1, fma) * scale, NEG_INF)
+  m_new_Qx1 = jnp.maximum(m_Qx1, logits_QxS.max(axis=1, keepdims=True))
+  alpha_Qx1 = jnp.exp(m_Qx1 - m_new_Qx1)
+  p_QxS = jnp.where(valid_1xS, jnp.exp(logits_QxS - m_new_Qx1), 0.0)
+  l_Qx1 = alpha_Qx1 * l_Qx1 + p_QxS.sum(axis=1, keepdims=True)
   # The select runs in float32: some TPU generations have no bf16 vector unit.
-  v_SxD = jnp.where(valid_Sx1, v_SxD.astype(jnp.float32), 0.0).astype(v_SxD.dtype)
-  pv_GxD = _dot(p_GxS if fma else p_GxS.astype(v_SxD.dtype), v_SxD, 0, fma)
-  return m_new_Gx1, l_Gx1, alpha_Gx1 * acc_GxD + pv_GxD
+  v_SxW = jnp.where(valid_Sx1, v_SxW.astype(jnp.float32), 0.0).astype(v_SxW.dtype)
+  pv_QxW = _dot(p_QxS if fma else p_QxS.astype(v_SxW.dtype), v_SxW, 0, fma)
+  return m_new_Qx1, l_Qx1, alpha_Qx1 * acc_QxW + pv_QxW
 
 
 def init_partial(rows: int, width: int):
@@ -70,10 +70,10 @@ def init_partial(rows: int, width: int):
           jnp.zeros((rows, width), jnp.float32))
 
 
-def combine_splits(acc_BxXxPxRxW, m_BxXxPxRx1, l_BxXxPxRx1) -> jax.Array:
-  """Merges the splits' partials (axis 2) into normalised float32 rows `[B, X, R, W]`."""
-  m_BxXx1xRx1 = m_BxXxPxRx1.max(axis=2, keepdims=True)
-  w_BxXxPxRx1 = jnp.exp(m_BxXxPxRx1 - m_BxXx1xRx1)
-  l_BxXxRx1 = (w_BxXxPxRx1 * l_BxXxPxRx1).sum(axis=2)
-  acc_BxXxRxW = (w_BxXxPxRx1 * acc_BxXxPxRxW).sum(axis=2)
-  return jnp.where(l_BxXxRx1 > 0, acc_BxXxRxW / jnp.where(l_BxXxRx1 > 0, l_BxXxRx1, 1.0), 0.0)
+def combine_splits(acc_BxXxPxQxW, m_BxXxPxQx1, l_BxXxPxQx1) -> jax.Array:
+  """Merges the splits' partials (axis 2) into normalised float32 rows `[B, X, Q, W]`."""
+  m_BxXx1xQx1 = m_BxXxPxQx1.max(axis=2, keepdims=True)
+  w_BxXxPxQx1 = jnp.exp(m_BxXxPxQx1 - m_BxXx1xQx1)
+  l_BxXxQx1 = (w_BxXxPxQx1 * l_BxXxPxQx1).sum(axis=2)
+  acc_BxXxQxW = (w_BxXxPxQx1 * acc_BxXxPxQxW).sum(axis=2)
+  return jnp.where(l_BxXxQx1 > 0, acc_BxXxQxW / jnp.where(l_BxXxQx1 > 0, l_BxXxQx1, 1.0), 0.0)
