@@ -11,12 +11,14 @@ Layout (the contract with the caches that use it):
 Query heads `h*G .. h*G+G-1` read KV head h. Softmax does not care about key order (RoPE is
 already in the keys), so a ring buffer needs no unrolling.
 
-The two caches this serves:
-- MoA: head h owns rows `[start_h, start_h + size_h)` of `[B, sum_h size_h, D]`, sizes in whole
-  blocks (64-token sinks, then a ring buffer). Table row: `start_h/block_size + arange(M)`
-  (`range_tables`), `num_tokens = min(tokens written, size_h)`.
-- Attention-Gate: a layer's compacted survivors `[B, K, L, D]`, viewed as `[B, K*L, D]`. Table
-  row: `h*L/block_size + arange(M)`, `num_tokens` = survivors kept for that head.
+The caches this serves keep their K/V in one flat buffer whose heads own row ranges
+(`kvjax.cache.flat.FlatHeads`): head h owns rows `[offset_h, offset_h + size_h)` of
+`[B, sum_h size_h, D]`, sizes and offsets in whole blocks, and its visible rows are a prefix of
+its range. Table row: `offset_h / block_size + arange(M)` (`range_tables`).
+- MoA (`kvjax.moa.layout`): per head a sink block, then a ring buffer; `num_tokens =
+  min(tokens written, size_h)`.
+- Compacted survivors of eviction or an attention gate (`kvjax.cache.compact`): `num_tokens` =
+  the rows visible to the query (kept tokens, then the query's own).
 On TPU the tables are scalar-prefetched into SMEM: keep `B*K*M` int32s well under its size;
 `eligibility(platform, "flat" or "dense_blocks", ...)` says where the kernel applies.
 """
@@ -36,7 +38,7 @@ def range_tables(first_block_BxK: jax.Array, max_blocks: int) -> jax.Array:
 
 
 def flat_rows(x: jax.Array) -> jax.Array:
-  """`[B, N, D]` or `[B, N, K, D]` -> the `[B, N, C*D]` view the kernels read (no copy)."""
+  """`[B, N, D]` or `[B, N, K, D]` -> the `[B, N, W]` view the kernels read (no copy)."""
   return x if x.ndim == 3 else x.reshape(*x.shape[:2], -1)
 
 
