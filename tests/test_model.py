@@ -56,6 +56,20 @@ def test_ragged_prompts_prefill_then_steps(built):
     np.testing.assert_allclose(out[:, 0], full[jnp.arange(3), pos_B], atol=1e-5)
 
 
+def test_logits_at_selected_positions_equal_the_full_forward(built):
+  """The LM head at chosen positions only (with and without a cache), repeats allowed."""
+  cfg, model, params = built
+  tokens = random_tokens(3, 12, seed=5)
+  full = np.asarray(model.apply({"params": params}, tokens))
+  at_BxN = jnp.asarray([[11, 0, 4], [3, 3, 7], [0, 9, 11]], jnp.int32)
+  want = np.take_along_axis(full, np.asarray(at_BxN)[..., None], axis=1)
+  got = model.apply({"params": params}, tokens, logits_at=at_BxN)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  got, _ = model.apply({"params": params}, tokens, positions=positions_of([0] * 3, 12),
+                       cache=init_cache(cfg.model, 3, 16), logits_at=at_BxN)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_causality(built):
   """d logits[t] / d input embedding[t+1:] == 0 (the embedding output is perturbed by an interceptor)."""
   cfg, model, params = built

@@ -89,8 +89,11 @@ class Transformer(nn.Module):
   """Decoder-only LM.
 
   `apply(params, tokens)` returns logits; `apply(params, tokens, positions=, cache=)` returns
-  `(logits, cache)` for prefill and decode steps. Logits are float32. Layers share K/V as
-  `cfg.producer_of` says (cross-layer attention); the cache holds one layout per producer.
+  `(logits, cache)` for prefill and decode steps. Logits are float32, `[B, T, V]`, or `[B, N, V]`
+  at the token indices `logits_at` (`[B, N]`) names: the LM head is a large share of a
+  prefill's work and memory, and generation needs only each prompt's last position. Layers
+  share K/V as `cfg.producer_of` says (cross-layer attention); the cache holds one layout per
+  producer.
   """
 
   cfg: ModelConfig
@@ -108,7 +111,8 @@ class Transformer(nn.Module):
     return KVCache(layers=registry.layouts(cfg, batch, max_len), max_len=max_len)
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None,
+               logits_at: jax.Array | None = None):
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if positions is None:
@@ -117,6 +121,8 @@ class Transformer(nn.Module):
     x_BxTxE = embedder.encode(tokens_BxT)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed"))
     x_BxTxE, cache = self._blocks(x_BxTxE, positions, cache)
+    if logits_at is not None:
+      x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at[..., None], axis=1)
     x_BxTxE = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                       name="final_norm")(x_BxTxE)
     logits_BxTxV = embedder.decode(x_BxTxE).astype(jnp.float32)
