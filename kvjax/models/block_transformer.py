@@ -145,7 +145,7 @@ class BlockTransformer(nn.Module):
 
   def decode_blocks(self, ctx_BxNxD: jax.Array, blocks_BxNxL: jax.Array) -> jax.Array:
     """Teacher-forced token decoder: states `[B, N, L, E]`, entry j predicting token j of a
-    block (`head` makes them logits)."""
+    block (`token_embed.decode` makes them logits)."""
     b, n, length = blocks_BxNxL.shape
     r = self.cfg.block.num_prefix
     prefix_BxNxRxE = self.prefix(ctx_BxNxD)
@@ -154,10 +154,6 @@ class BlockTransformer(nn.Module):
         b * n, r + length - 1, -1)
     h_GxSxE, _ = self.token_decoder(seq_GxSxE, _arange(b * n, r + length - 1))
     return h_GxSxE[:, r - 1:].reshape(b, n, length, -1)
-
-  def head(self, h_xE: jax.Array) -> jax.Array:
-    """Token decoder states -> float32 logits."""
-    return self.token_embed.decode(h_xE).astype(jnp.float32)
 
   def start_block(self, ctx_BxD: jax.Array, local_cache):
     """Token decoder prefill of a new block: only the R prefix vectors.
@@ -168,7 +164,7 @@ class BlockTransformer(nn.Module):
     prefix_BxRxE = self.prefix(ctx_BxD)
     b, r, _ = prefix_BxRxE.shape
     h_BxRxE, local_cache = self.token_decoder(prefix_BxRxE, _arange(b, r), local_cache)
-    return self.head(h_BxRxE[:, -1]), local_cache
+    return self.token_embed.decode(h_BxRxE[:, -1]), local_cache
 
   # ---------------------------------------------------------------------------------------------
   # Training, prefill and decode.
@@ -190,15 +186,14 @@ class BlockTransformer(nn.Module):
     padded_BxU = jnp.pad(tokens_BxT, ((0, 0), (0, (n + 1) * length - t)), constant_values=pad)
     blocks_BxMxL = padded_BxU.reshape(b, n + 1, length)
     if logits_at is None:
-      h_BxMxLxE = self.decode_blocks(ctx_BxMxD, blocks_BxMxL)
-      return (self.head(h_BxMxLxE.reshape(b, (n + 1) * length, -1)[:, 1:t + 1]), ctx_BxMxD,
-              block_cache)
+      h_BxUxE = self.decode_blocks(ctx_BxMxD, blocks_BxMxL).reshape(b, (n + 1) * length, -1)
+      return self.token_embed.decode(h_BxUxE[:, 1:t + 1]), ctx_BxMxD, block_cache
     # Entry t is state (t + 1) % L of block (t + 1) // L: the token decoder runs on those only.
     block_BxN, j_BxN = jnp.divmod(logits_at + 1, length)
     h_BxNxLxE = self.decode_blocks(jnp.take_along_axis(ctx_BxMxD, block_BxN[..., None], axis=1),
                                    jnp.take_along_axis(blocks_BxMxL, block_BxN[..., None], axis=1))
     h_BxNxE = jnp.take_along_axis(h_BxNxLxE, j_BxN[..., None, None], axis=2)[:, :, 0]
-    return self.head(h_BxNxE), ctx_BxMxD, block_cache
+    return self.token_embed.decode(h_BxNxE), ctx_BxMxD, block_cache
 
   def prefill(self, tokens_BxT: jax.Array, lengths_B: jax.Array, cache: BlockCache,
               logits_at: jax.Array | None = None):
@@ -244,7 +239,7 @@ class BlockTransformer(nn.Module):
     def within_block(mdl, cache):
       h_Bx1xE, local = mdl.token_decoder(mdl.token_embed.encode(x_B[:, None]), (r + j_B)[:, None],
                                          cache.local)
-      return mdl.head(h_Bx1xE[:, 0]), cache.replace(local=local)
+      return mdl.token_embed.decode(h_Bx1xE[:, 0]), cache.replace(local=local)
 
     def next_block(mdl, cache):
       ctx_Bx1xD, blocks = mdl.block_decoder(mdl.embed_blocks(cache.block_tokens[:, None]),
