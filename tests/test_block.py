@@ -103,6 +103,26 @@ def test_prefill_and_steps_match_teacher_forced_logits(built, forward):
                                atol=1e-4)
 
 
+def test_logits_at_selected_positions_equal_the_full_forward(built, forward):
+  """The token decoder and LM head only where logits are asked for: teacher-forced, and in a
+  prefill of ragged prompts (positions in the prompts' own coordinates)."""
+  cfg, model, params = built
+  variables = {"params": params}
+  tokens = np.asarray(random_tokens(2, WIDTH, seed=6))
+  at_BxN = np.array([[0, 3, 4, 16], [7, 7, 2, 11]], np.int32)
+  want = np.take_along_axis(forward(list(tokens)), at_BxN[..., None], axis=1)
+  got = model.apply(variables, jnp.asarray(tokens), logits_at=jnp.asarray(at_BxN))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  lengths = np.array([6, 9])
+  at_BxN = np.array([[5, 0, 3], [8, 4, 1]], np.int32)
+  got, _ = model.apply(variables, jnp.asarray(tokens[:, :9]), jnp.asarray(lengths),
+                       init_cache(cfg.model, 2, 12), jnp.asarray(at_BxN), method="prefill")
+  full = forward([left_padded(tokens[b, :n]) for b, n in enumerate(lengths)])
+  shift_Bx1 = (-lengths % L)[:, None]
+  np.testing.assert_allclose(got, np.take_along_axis(full, (at_BxN + shift_Bx1)[..., None], axis=1),
+                             atol=1e-5)
+
+
 def test_block_context_never_depends_on_later_blocks(built):
   _, model, params = built
   x = jax.random.normal(jax.random.key(5), (1, 6, 64))

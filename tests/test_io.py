@@ -6,6 +6,7 @@ import shutil
 
 import flax.traverse_util
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,6 +72,22 @@ def test_hf_directory_logits_equal_transformers(tiny_hf):
   got = forward(cfg, kio.load_weights(cfg), tokens)
   assert np.abs(want).max() > 0.5  # logits large enough for the comparison to mean something
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_hf_directory_loads_in_bfloat16_close_to_transformers(tiny_hf):
+  """Weights stored and computed in bfloat16 (`model.param_dtype`, `model.dtype`)."""
+  path, ref = tiny_hf
+  plain = kio.model_config_from_checkpoint(str(path))
+  cfg = dataclasses.replace(plain, dtype="bfloat16", param_dtype="bfloat16")
+  params = kio.load_weights(cfg)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  tokens = np.random.default_rng(3).integers(0, TINY_LLAMA["vocab_size"], (2, 13))
+  with torch.no_grad():
+    want = ref(torch.as_tensor(tokens)).logits.numpy()
+  got = forward(cfg, params, tokens)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=5e-2 * np.abs(want).max())
+  assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
 
 
 def test_hf_directory_loads_into_scanned_layers(tiny_hf):

@@ -56,6 +56,20 @@ def test_ragged_prompts_prefill_then_steps(built):
     np.testing.assert_allclose(out[:, 0], full[jnp.arange(3), pos_B], atol=1e-5)
 
 
+def test_logits_at_selected_positions_equal_the_full_forward(built):
+  """The LM head at chosen positions only (with and without a cache), repeats allowed."""
+  cfg, model, params = built
+  tokens = random_tokens(3, 12, seed=5)
+  full = np.asarray(model.apply({"params": params}, tokens))
+  at_BxN = jnp.asarray([[11, 0, 4], [3, 3, 7], [0, 9, 11]], jnp.int32)
+  want = np.take_along_axis(full, np.asarray(at_BxN)[..., None], axis=1)
+  got = model.apply({"params": params}, tokens, logits_at=at_BxN)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  got, _ = model.apply({"params": params}, tokens, positions=positions_of([0] * 3, 12),
+                       cache=init_cache(cfg.model, 3, 16), logits_at=at_BxN)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_causality(built):
   """d logits[t] / d input embedding[t+1:] == 0 (the embedding output is perturbed by an interceptor)."""
   cfg, model, params = built
@@ -107,10 +121,28 @@ def test_untied_embeddings_have_a_head():
   assert model.apply({"params": params}, random_tokens(1, 4)).shape == (1, 4, 264)
 
 
-def test_bfloat16_activations_run():
-  _, model, params = tiny_model("model.dtype=bfloat16")
-  logits = model.apply({"params": params}, random_tokens(1, 6))
-  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+def test_bfloat16_weights_activations_and_cache_decode_like_the_full_forward():
+  """One sequence (a one-row product in every projection): prefill and steps through a
+  bfloat16 cache equal the bfloat16 full forward to bfloat16 precision, and stay near float32."""
+  cfg, model, params = tiny_model(*(f"model.{k}=bfloat16" for k in
+                                    ("dtype", "param_dtype", "cache_dtype")))
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(params))} == {jnp.dtype(jnp.bfloat16)}
+  tokens = random_tokens(1, 12, seed=6)
+  full = np.asarray(model.apply({"params": params}, tokens))
+  cache = init_cache(cfg.model, 1, 16)
+  assert {x.dtype for x in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+  logits, cache = model.apply({"params": params}, tokens[:, :8], positions=positions_of([0], 8),
+                              cache=cache)
+  got = [np.asarray(logits[0])]
+  for t in range(8, 12):
+    step, cache = model.apply({"params": params}, tokens[:, t:t + 1],
+                              positions=positions_of([t], 1), cache=cache)
+    got.append(np.asarray(step[0]))
+  scale = np.abs(full).max()
+  np.testing.assert_allclose(np.concatenate(got), full[0], atol=2e-2 * scale)
+  f32_params = jax.tree.map(lambda x: x.astype(jnp.float32), nn.unbox(params))
+  f32 = np.asarray(tiny_model()[1].apply({"params": f32_params}, tokens))
+  np.testing.assert_allclose(full, f32, atol=5e-2 * scale)
 
 
 def test_nnx_bridge_wraps_the_model():

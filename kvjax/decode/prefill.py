@@ -40,17 +40,24 @@ class DecodeState:
 def _prefill_chunk(model: nn.Module, params, tokens_BxC: jax.Array, start: jax.Array,
                    lengths_B: jax.Array, cache, last_BxV: jax.Array, *, keep_logits: bool):
   """Positions `start .. start + C - 1` of every prompt into the cache; `last_BxV` takes the
-  logits at each prompt's last token if it is in this chunk."""
+  logits at each prompt's last token if it is in this chunk. Without `keep_logits` the LM head
+  runs at that one position per sequence: no `[B, C, V]` is computed."""
   b, c = tokens_BxC.shape
   positions_BxC = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
   cache = cache.with_prompt_lengths(lengths_B)
-  logits_BxCxV, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
-                                    cache=cache)
   at_B = lengths_B - 1 - start
-  here_B = (at_B >= 0) & (at_B < c)
-  at_BxV = jnp.take_along_axis(logits_BxCxV, jnp.clip(at_B, 0, c - 1)[:, None, None], axis=1)[:, 0]
-  last_BxV = jnp.where(here_B[:, None], at_BxV, last_BxV)
-  return (logits_BxCxV if keep_logits else None), cache, last_BxV
+  at_Bx1 = jnp.clip(at_B, 0, c - 1)[:, None]
+  if keep_logits:
+    logits_BxCxV, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
+                                      cache=cache)
+    at_BxV = jnp.take_along_axis(logits_BxCxV, at_Bx1[..., None], axis=1)[:, 0]
+  else:
+    logits_BxCxV = None
+    at_Bx1xV, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
+                                  cache=cache, logits_at=at_Bx1)
+    at_BxV = at_Bx1xV[:, 0]
+  last_BxV = jnp.where(((at_B >= 0) & (at_B < c))[:, None], at_BxV, last_BxV)
+  return logits_BxCxV, cache, last_BxV
 
 
 def prefill_cache(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, *,

@@ -1,5 +1,12 @@
 """Softmax attention with grouped K/V heads: the dense reference every layout and kernel checks
 against. A leaf module (jax only), so the kernels' references can import it.
+
+Keys and values arrive as a cache stores them, `[B, S, K, D]`. Several queries per sequence
+(prefill, training) run as batched matmuls per K/V head, queries and probabilities laid out
+`[B, K, T*G, ...]` so that neither operand of either product is transposed at the size of the
+logits. One query per sequence (a decode step) is bound by reading the keys and values: it
+multiplies and reduces them where they lie, since a batched matmul would first copy the whole
+cache into heads-major order.
 """
 
 from __future__ import annotations
@@ -15,9 +22,29 @@ def causal_mask(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array) -> jax.Array:
   return k_pos_BxS[:, None, :] <= q_pos_BxT[:, :, None]
 
 
+def _by_kv_head(x: jax.Array, k: int) -> jax.Array:
+  """A mask or weights `[B, T, S]`, `[B, K, T, S]` or `[B, H, T, S]` as `[B, K|1, T, G|1, S]`."""
+  if x.ndim == 3:
+    return x[:, None, :, None]
+  return x.reshape(x.shape[0], k, -1, *x.shape[2:]).transpose(0, 1, 3, 2, 4)
+
+
+def _softmax(logits: jax.Array, mask: jax.Array, weights: jax.Array | None,
+             axis: int) -> jax.Array:
+  """Masked softmax over `axis`; rows with nothing visible give zeros. `weights` rescale the
+  probabilities, which are then renormalised."""
+  probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=axis)
+  probs = jnp.where(mask, probs, 0.0)
+  if weights is None:
+    return probs
+  probs = probs * weights
+  return probs / jnp.maximum(probs.sum(axis=axis, keepdims=True), 1e-30)
+
+
 def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
                           mask: jax.Array, weights_BxKxTxS: jax.Array | None = None) -> jax.Array:
-  """Softmax attention where each K/V head serves G = H/K query heads; float32 logits.
+  """Softmax attention where each K/V head serves G = H/K query heads; float32 logits, the
+  output in the queries' dtype.
 
   `mask` is `[B, T, S]` for all heads, or per head: `[B, K, T, S]` or `[B, H, T, S]`.
   Rows whose mask is all False return zeros rather than NaN.
@@ -26,22 +53,35 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   them still gets a gradient for the keys they drop (those keep their softmax share).
   """
   b, t, h, d = q_BxTxHxD.shape
+  s, k = k_BxSxKxD.shape[1:3]
+  g = h // k
+  mask_BxKxTxGxS = _by_kv_head(mask, k)
+  weights_BxKxTx1xS = None if weights_BxKxTxS is None else _by_kv_head(weights_BxKxTxS, k)
+  if t == 1:
+    return _one_query(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxKxTxGxS, weights_BxKxTx1xS)
+  q_BxKxMxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, d)
+  logits_BxKxMxS = jnp.einsum("bkmd,bskd->bkms", q_BxKxMxD, k_BxSxKxD,
+                              preferred_element_type=jnp.float32) * (d ** -0.5)
+  probs_BxKxTxGxS = _softmax(logits_BxKxMxS.reshape(b, k, t, g, s), mask_BxKxTxGxS,
+                             weights_BxKxTx1xS, axis=-1)
+  out_BxKxMxD = jnp.einsum("bkms,bskd->bkmd",
+                           probs_BxKxTxGxS.reshape(b, k, t * g, s).astype(v_BxSxKxD.dtype),
+                           v_BxSxKxD, preferred_element_type=jnp.float32)
+  out_BxTxKxGxD = out_BxKxMxD.reshape(b, k, t, g, d).transpose(0, 2, 1, 3, 4)
+  return out_BxTxKxGxD.reshape(b, t, h, d).astype(q_BxTxHxD.dtype)
+
+
+def _one_query(q_Bx1xHxD, k_BxSxKxD, v_BxSxKxD, mask_BxKx1xGxS, weights_BxKx1x1xS):
+  """`dot_product_attention` for T = 1, over keys and values in their `[B, S, K, D]` order."""
+  b, _, h, d = q_Bx1xHxD.shape
   k = k_BxSxKxD.shape[2]
-  q_BxTxKxGxD = q_BxTxHxD.reshape(b, t, k, h // k, d)
-  logits_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
-                                preferred_element_type=jnp.float32) * (d ** -0.5)
-  # Broadcast against the logits: K and G of the mask may be 1.
-  if mask.ndim == 3:
-    mask_BxKxGxTxS = mask[:, None, None]
-  else:
-    mask_BxKxGxTxS = mask.reshape(b, k, -1, *mask.shape[2:])
-  logits_BxKxGxTxS = jnp.where(mask_BxKxGxTxS, logits_BxKxGxTxS, NEG_INF)
-  probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
-  probs_BxKxGxTxS = jnp.where(mask_BxKxGxTxS, probs_BxKxGxTxS, 0.0)
-  if weights_BxKxTxS is not None:
-    probs_BxKxGxTxS = probs_BxKxGxTxS * weights_BxKxTxS[:, :, None]
-    probs_BxKxGxTxS = probs_BxKxGxTxS / jnp.maximum(
-        probs_BxKxGxTxS.sum(axis=-1, keepdims=True), 1e-30)
-  probs_BxKxGxTxS = probs_BxKxGxTxS.astype(v_BxSxKxD.dtype)
-  out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD)
-  return out_BxTxKxGxD.reshape(b, t, h, d)
+  to_bskg = lambda x: jnp.moveaxis(x[:, :, 0], -1, 1)  # [B, K, G, S] -> [B, S, K, G]
+  q_Bx1xKxGxD = q_Bx1xHxD.reshape(b, 1, k, h // k, d).astype(jnp.float32)
+  k_BxSxKx1xD = k_BxSxKxD[:, :, :, None].astype(jnp.float32)
+  logits_BxSxKxG = jnp.sum(q_Bx1xKxGxD * k_BxSxKx1xD, axis=-1) * (d ** -0.5)
+  probs_BxSxKxG = _softmax(logits_BxSxKxG, to_bskg(mask_BxKx1xGxS),
+                           None if weights_BxKx1x1xS is None else to_bskg(weights_BxKx1x1xS),
+                           axis=1)
+  out_BxKxGxD = jnp.sum(probs_BxSxKxG[..., None] * v_BxSxKxD[:, :, :, None].astype(jnp.float32),
+                        axis=1)
+  return out_BxKxGxD.reshape(b, 1, h, d).astype(q_Bx1xHxD.dtype)

@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kvjax.layers.linear import Linear
+
 
 class SwiGLU(nn.Module):
   mlp_dim: int
@@ -11,15 +13,13 @@ class SwiGLU(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
-  def _dense(self, features, axes, name):
-    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), axes)
-    return nn.Dense(features, use_bias=False, kernel_init=init, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=name)
+  def _dense(self, shape, axes, name):
+    return Linear(shape, axes, 1, self.init_std, self.dtype, self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
     d = x_BxTxE.shape[-1]
-    gate_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "gate")(x_BxTxE)
-    up_BxTxF = self._dense(self.mlp_dim, ("embed", "mlp"), "up")(x_BxTxE)
+    gate_BxTxF = self._dense((d, self.mlp_dim), ("embed", "mlp"), "gate")(x_BxTxE)
+    up_BxTxF = self._dense((d, self.mlp_dim), ("embed", "mlp"), "up")(x_BxTxE)
     h_BxTxF = nn.with_logical_constraint(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
-    return self._dense(d, ("mlp", "embed"), "down")(h_BxTxF)
+    return self._dense((self.mlp_dim, d), ("mlp", "embed"), "down")(h_BxTxF)

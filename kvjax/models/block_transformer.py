@@ -144,7 +144,8 @@ class BlockTransformer(nn.Module):
     return self.block_decoder(x_BxMxE, _arange(b, x_BxMxE.shape[1]), cache)
 
   def decode_blocks(self, ctx_BxMxE: jax.Array, blocks_BxMxC: jax.Array) -> jax.Array:
-    """Teacher-forced token decoder: logits `[B, M, C, V]`, entry j predicting token j of a block."""
+    """Teacher-forced token decoder: states `[B, M, C, E]`, entry j predicting token j of a
+    block (`token_embed.decode` makes them logits)."""
     b, n, length = blocks_BxMxC.shape
     r = self.cfg.block.num_prefix
     prefix_BxMxRxE = self.prefix(ctx_BxMxE)
@@ -152,8 +153,7 @@ class BlockTransformer(nn.Module):
     seq_BMxTxE = jnp.concatenate([prefix_BxMxRxE, x_BxMxCxE], axis=2).reshape(
         b * n, r + length - 1, -1)
     h_BMxTxE, _ = self.token_decoder(seq_BMxTxE, _arange(b * n, r + length - 1))
-    logits_BMxCxV = self.token_embed.decode(h_BMxTxE[:, r - 1:]).astype(jnp.float32)
-    return logits_BMxCxV.reshape(b, n, length, -1)
+    return h_BMxTxE[:, r - 1:].reshape(b, n, length, -1)
 
   def start_block(self, ctx_BxE: jax.Array, local_cache):
     """Token decoder prefill of a new block: only the R prefix vectors.
@@ -164,16 +164,17 @@ class BlockTransformer(nn.Module):
     prefix_BxRxE = self.prefix(ctx_BxE)
     b, r, _ = prefix_BxRxE.shape
     h_BxRxE, local_cache = self.token_decoder(prefix_BxRxE, _arange(b, r), local_cache)
-    return self.token_embed.decode(h_BxRxE[:, -1]).astype(jnp.float32), local_cache
+    return self.token_embed.decode(h_BxRxE[:, -1]), local_cache
 
   # ---------------------------------------------------------------------------------------------
   # Training, prefill and decode.
 
-  def forward(self, tokens_BxT: jax.Array, block_cache=None):
+  def forward(self, tokens_BxT: jax.Array, block_cache=None, logits_at: jax.Array | None = None):
     """Teacher-forced pass, blocks aligned to token 0.
 
-    Returns logits `[B, T, V]` (entry t predicts token t + 1), the contexts of blocks
-    0..T//L and the block decoder cache (when given).
+    Returns logits `[B, T, V]` (entry t predicts token t + 1), or `[B, T', V]` at the entries
+    `logits_at` (`[B, T']`) names, the contexts of blocks 0..T//L and the block decoder cache
+    (when given).
     """
     b, t = tokens_BxT.shape
     length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
@@ -183,15 +184,25 @@ class BlockTransformer(nn.Module):
     # The token decoder runs on every block that holds a target; it is causal, so the pad
     # filling the last block changes nothing before it.
     padded_BxT = jnp.pad(tokens_BxT, ((0, 0), (0, (n + 1) * length - t)), constant_values=pad)
-    logits_BxMxCxV = self.decode_blocks(ctx_BxMxE, padded_BxT.reshape(b, n + 1, length))
-    logits_BxTxV = logits_BxMxCxV.reshape(b, (n + 1) * length, -1)[:, 1:t + 1]
-    return logits_BxTxV, ctx_BxMxE, block_cache
+    blocks_BxMxC = padded_BxT.reshape(b, n + 1, length)
+    if logits_at is None:
+      h_BxTxE = self.decode_blocks(ctx_BxMxE, blocks_BxMxC).reshape(b, (n + 1) * length, -1)
+      return self.token_embed.decode(h_BxTxE[:, 1:t + 1]), ctx_BxMxE, block_cache
+    # Entry t is state (t + 1) % C of block (t + 1) // C: the token decoder runs on those only.
+    # Below, `[B, T']` and `[B, T', ...]` are over the T' entries `logits_at` names.
+    block_at, slot_at = jnp.divmod(logits_at + 1, length)
+    h_at = self.decode_blocks(jnp.take_along_axis(ctx_BxMxE, block_at[..., None], axis=1),
+                              jnp.take_along_axis(blocks_BxMxC, block_at[..., None], axis=1))
+    h_at = jnp.take_along_axis(h_at, slot_at[..., None, None], axis=2)[:, :, 0]
+    return self.token_embed.decode(h_at), ctx_BxMxE, block_cache
 
-  def prefill(self, tokens_BxT: jax.Array, lengths_B: jax.Array, cache: BlockCache):
+  def prefill(self, tokens_BxT: jax.Array, lengths_B: jax.Array, cache: BlockCache,
+              logits_at: jax.Array | None = None):
     """Right-padded prompts of `lengths_B` tokens, each left-padded to end at a block boundary.
 
-    Returns logits `[B, T, V]` at the prompts' own positions and the cache, ready to decode
-    position `lengths_B` (the cache's `shift` maps positions onto the padded sequence).
+    Returns logits `[B, T, V]` at the prompts' own positions (or `[B, T', V]` at the positions
+    `logits_at` names) and the cache, ready to decode position `lengths_B` (the cache's `shift`
+    maps positions onto the padded sequence).
     """
     b, t = tokens_BxT.shape
     length, pad = self.cfg.block.block_len, self.cfg.block.pad_id
@@ -202,13 +213,14 @@ class BlockTransformer(nn.Module):
     next_block_B = (lengths_B + shift_B) // length
     # The block decoder's prompt: the start embedding and the prompt's complete blocks.
     blocks = cache.blocks.with_prompt_lengths(next_block_B + 1)
-    padded_logits_BxTxV, ctx_BxMxE, blocks = self.forward(padded_BxT, blocks)
-    logits_BxTxV = jnp.take_along_axis(padded_logits_BxTxV,
-                                       _arange(b, t, shift_B[:, None])[..., None], axis=1)
+    logits, ctx_BxMxE, blocks = self.forward(
+        padded_BxT, blocks, None if logits_at is None else logits_at + shift_B[:, None])
+    if logits_at is None:  # every position of the padded sequence: keep the prompts' own
+      logits = jnp.take_along_axis(logits, _arange(b, t, shift_B[:, None])[..., None], axis=1)
     ctx_BxE = jnp.take_along_axis(ctx_BxMxE, next_block_B[:, None, None], axis=1)[:, 0]
     _, local = self.start_block(ctx_BxE, cache.local)
-    return logits_BxTxV, cache.replace(blocks=blocks, local=local, shift=shift_B,
-                                       block_tokens=jnp.full_like(cache.block_tokens, pad))
+    return logits, cache.replace(blocks=blocks, local=local, shift=shift_B,
+                                 block_tokens=jnp.full_like(cache.block_tokens, pad))
 
   def step(self, tokens_Bx1: jax.Array, positions_Bx1: jax.Array, cache: BlockCache):
     """One token per sequence. A token that completes its block runs the block decoder once and
@@ -227,7 +239,7 @@ class BlockTransformer(nn.Module):
     def within_block(mdl, cache):
       h_Bx1xE, local = mdl.token_decoder(mdl.token_embed.encode(x_B[:, None]), (r + j_B)[:, None],
                                          cache.local)
-      return mdl.token_embed.decode(h_Bx1xE[:, 0]).astype(jnp.float32), cache.replace(local=local)
+      return mdl.token_embed.decode(h_Bx1xE[:, 0]), cache.replace(local=local)
 
     def next_block(mdl, cache):
       ctx_Bx1xE, blocks = mdl.block_decoder(mdl.embed_blocks(cache.block_tokens[:, None]),
@@ -238,15 +250,18 @@ class BlockTransformer(nn.Module):
     logits_BxV, cache = nn.cond(jnp.all(j_B == length - 1), next_block, within_block, self, cache)
     return logits_BxV[:, None], cache
 
-  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None,
+               logits_at: jax.Array | None = None):
     """Without a cache the tokens start at position 0 and `positions` is not needed. With one,
     several tokens are a prompt from position 0 (of the lengths the cache was told, else all
-    of them) and one token is a decode step."""
+    of them) and one token is a decode step (its logits are the only ones). `logits_at`
+    (`[B, T']` token indices) computes the logits there only."""
     if cache is None:
-      return self.forward(tokens_BxT)[0]
+      return self.forward(tokens_BxT, logits_at=logits_at)[0]
     if tokens_BxT.shape[1] == 1:
       return self.step(tokens_BxT, positions, cache)
-    return self.prefill(tokens_BxT, jnp.minimum(cache.lengths, tokens_BxT.shape[1]), cache)
+    return self.prefill(tokens_BxT, jnp.minimum(cache.lengths, tokens_BxT.shape[1]), cache,
+                        logits_at)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from kvjax.config import ModelConfig
 from kvjax.layers import kv_sharing
 from kvjax.layers.attention import Attention
 from kvjax.layers.cache import Cache, Chunk, KVCache, Layout
+from kvjax.layers.linear import Linear, contract
 from kvjax.layers.mlp import SwiGLU
 from kvjax.layers.norms import RMSNorm
 
@@ -71,26 +72,27 @@ class Embedder(nn.Module):
     self.table = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init,
                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     if not cfg.tie_embeddings:
-      head_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                               ("embed", "vocab"))
-      self.head = nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=head_init,
-                           dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+      self.head = Linear((cfg.d_model, cfg.vocab_size), ("embed", "vocab"), 1, cfg.init_std,
+                         jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
 
   def encode(self, tokens_BxT):
     return self.table(tokens_BxT)
 
   def decode(self, x_BxTxE):
-    if self.cfg.tie_embeddings:
-      return self.table.attend(x_BxTxE)
-    return self.head(x_BxTxE)
+    """float32 logits."""
+    kernel_ExV = self.table.embedding.T if self.cfg.tie_embeddings else self.head.kernel
+    return contract(x_BxTxE, kernel_ExV, 1, jnp.dtype(self.cfg.dtype))
 
 
 class Transformer(nn.Module):
   """Decoder-only LM.
 
   `apply(params, tokens)` returns logits; `apply(params, tokens, positions=, cache=)` returns
-  `(logits, cache)` for prefill and decode steps. Logits are float32. Layers share K/V as
-  `cfg.producer_of` says (cross-layer attention); the cache holds one layout per producer.
+  `(logits, cache)` for prefill and decode steps. Logits are float32, `[B, T, V]`, or `[B, T', V]`
+  at the token indices `logits_at` (`[B, T']`) names: the LM head is a large share of a
+  prefill's work and memory, and generation needs only each prompt's last position. Layers
+  share K/V as `cfg.producer_of` says (cross-layer attention); the cache holds one layout per
+  producer.
   """
 
   cfg: ModelConfig
@@ -108,7 +110,8 @@ class Transformer(nn.Module):
     return KVCache(layers=registry.layouts(cfg, batch, max_len), max_len=max_len)
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None):
+  def __call__(self, tokens_BxT: jax.Array, positions: jax.Array | None = None, cache=None,
+               logits_at: jax.Array | None = None):
     cfg = self.cfg
     b, t = tokens_BxT.shape
     if positions is None:
@@ -117,9 +120,11 @@ class Transformer(nn.Module):
     x_BxTxE = embedder.encode(tokens_BxT)
     x_BxTxE = nn.with_logical_constraint(x_BxTxE, ("batch", "length", "embed"))
     x_BxTxE, cache = self._blocks(x_BxTxE, positions, cache)
+    if logits_at is not None:
+      x_BxTxE = jnp.take_along_axis(x_BxTxE, logits_at[..., None], axis=1)
     x_BxTxE = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype),
                       name="final_norm")(x_BxTxE)
-    logits_BxTxV = embedder.decode(x_BxTxE).astype(jnp.float32)
+    logits_BxTxV = embedder.decode(x_BxTxE)
     if cache is None:
       return logits_BxTxV
     return logits_BxTxV, cache
