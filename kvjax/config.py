@@ -225,7 +225,7 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
-  cache_dtype: str = "float32"
+  cache_dtype: str = "float32"  # K/V as stored, unless model.kv_quant stores codes and scales
   attention_impl: str = "auto"  # auto | xla | pallas
   # Run the layers as one `nn.scan` over groups of (producer + consumers): compile time and
   # program size stop growing with depth; parameters and the dense cache gain a leading axis.
