@@ -137,6 +137,31 @@ class EvictionConfig:
     _require(0.0 < self.keep_ratio <= 1.0, "model.eviction.keep_ratio", "must be in (0, 1]")
 
 
+KV_QUANT_MODES = ("none", "int8", "fp8", "int4")
+KV_QUANT_BITS = {"int8": 8, "fp8": 8, "int4": 4}
+SCALE_BYTES = 2  # a bfloat16 scale per group of values
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuantConfig:
+  """Quantized cache entries (`kvjax.quant`): every K/V head's D values of a token become codes
+  (int8; float8 e4m3; int4, two per byte) and one bfloat16 scale per `group_size` of them
+  (0: one per head), dequantized where the cache is read."""
+
+  mode: str = "none"
+  group_size: int = 0
+
+  def __post_init__(self):
+    _choice(self.mode, "model.kv_quant.mode", KV_QUANT_MODES)
+    _require(self.group_size >= 0, "model.kv_quant.group_size",
+             f"must be >= 0 (0: one scale per K/V head), got {self.group_size}")
+
+  def entry_bytes(self, head_dim: int) -> int:
+    """Bytes of one (token, K/V head) entry of K or V: codes and scales."""
+    return head_dim * KV_QUANT_BITS[self.mode] // 8 + SCALE_BYTES * head_dim // (
+        self.group_size or head_dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """One Block Transformer decoder's shape; a field left unset takes the model's value."""
@@ -201,7 +226,7 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # activations
   param_dtype: str = "float32"
-  cache_dtype: str = "float32"
+  cache_dtype: str = "float32"  # K/V as stored, unless model.kv_quant stores codes and scales
   attention_impl: str = "auto"  # auto | xla | pallas
   # Run the layers as one `nn.scan` over groups of (producer + consumers): compile time and
   # program size stop growing with depth; parameters and the dense cache gain a leading axis.
@@ -216,6 +241,7 @@ class ModelConfig:
   moa: MoAConfig = dataclasses.field(default_factory=MoAConfig)
   attention_gate: AttentionGateConfig = dataclasses.field(default_factory=AttentionGateConfig)
   eviction: EvictionConfig = dataclasses.field(default_factory=EvictionConfig)
+  kv_quant: KVQuantConfig = dataclasses.field(default_factory=KVQuantConfig)
   block: BlockConfig = dataclasses.field(default_factory=BlockConfig)
 
   def __post_init__(self):
@@ -286,8 +312,11 @@ class ModelConfig:
 
   def kv_bytes_per_token(self) -> int:
     """Dense-cache bytes per position: K and V of every KV head of every producer."""
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.cache_dtype]
-    return 2 * self.num_kv_heads * self.head_dim_ * self.num_kv_layers * itemsize
+    if self.kv_quant.mode == "none":
+      entry = self.head_dim_ * {"float32": 4, "bfloat16": 2, "float16": 2}[self.cache_dtype]
+    else:
+      entry = self.kv_quant.entry_bytes(self.head_dim_)
+    return 2 * self.num_kv_heads * self.num_kv_layers * entry
 
 
 @dataclasses.dataclass(frozen=True)

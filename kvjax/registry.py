@@ -27,8 +27,9 @@ from kvjax.layers.kv_sharing import METHOD as CLA
 from kvjax.method import Method
 from kvjax.moa.method import METHOD as MOA
 from kvjax.pallas_kernels.eligibility import Eligibility, eligibility
+from kvjax.quant.method import METHOD as KV_QUANT
 
-METHODS: tuple[Method, ...] = (CLA, MOA, ATTENTION_GATE, EVICTION)
+METHODS: tuple[Method, ...] = (CLA, MOA, ATTENTION_GATE, EVICTION, KV_QUANT)
 
 
 def active(cfg: ModelConfig) -> tuple[Method, ...]:

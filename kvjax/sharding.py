@@ -171,10 +171,11 @@ def global_batch(local_BxT: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def cache_shardings(cache, mesh: Mesh):
-  """Any cache pytree: K/V buffers by batch and KV heads, other leaves by batch."""
+  """Any cache pytree: K/V buffers (a `k` / `v` leaf, or a leaf of a storage's buffer pytree
+  there, such as codes and scales) by batch and KV heads, other leaves by batch."""
   def one(path, leaf):
-    name = getattr(path[-1], "name", None)
-    if name in ("k", "v") and leaf.ndim in (len(KV_BUFFER_AXES), len(KV_STACK_AXES)):
+    kv = any(getattr(p, "name", None) in ("k", "v") for p in path[-2:])
+    if kv and leaf.ndim in (len(KV_BUFFER_AXES), len(KV_STACK_AXES)):
       axes = KV_BUFFER_AXES if leaf.ndim == len(KV_BUFFER_AXES) else KV_STACK_AXES
       return named_sharding(mesh, axes, leaf.shape)
     axes = ("cache_batch",) + (None,) * (leaf.ndim - 1) if leaf.ndim else ()

@@ -31,8 +31,9 @@ PARAM_ATOL = 3e-5  # 3% of one step's largest update (lr)
 # Overrides that make each registered model kind; one layer per stack keeps compiling short.
 KIND_OVERRIDES = {"block_transformer": ("model.block.block_len=4",)}
 CASES = {kind: (f"model.kind={kind}", *KIND_OVERRIDES.get(kind, ())) for kind in MODEL_REGISTRY}
-CASES["llama_scanned_cla2"] = ("model.num_layers=4", "model.kv_sharing.factor=2",
-                               "model.scan_layers=true")
+# The scanned stack also stores int4 codes and scales, split like plain values.
+CASES["llama_scanned_cla2_int4"] = ("model.num_layers=4", "model.kv_sharing.factor=2",
+                                    "model.scan_layers=true", "model.kv_quant.mode=int4")
 COMMON = ("model.num_layers=1", "train.batch_size=8", "train.warmup_steps=0", "train.lr=0.001",
           "data.seq_len=16")
 DECODE_BATCH, PROMPT_LEN, GEN_LEN = 4, 8, 8
@@ -82,7 +83,7 @@ def _decode(cfg, model, params, mesh):
   cache_shardings = sharding.cache_shardings(jax.eval_shape(init), mesh)
   cache = sharding.create_sharded(init, cache_shardings)
   kv = lambda tree: [x for path, x in jax.tree_util.tree_leaves_with_path(tree)
-                     if getattr(path[-1], "name", None) in ("k", "v")]
+                     if any(getattr(p, "name", None) in ("k", "v") for p in path[-2:])]
   kv_fraction = (sharding.device_bytes(kv(cache), mesh.devices.flat[0])
                  / sum(x.nbytes for x in kv(cache)))
   prompts = random_tokens(DECODE_BATCH, PROMPT_LEN, seed=1)
