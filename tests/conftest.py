@@ -6,6 +6,16 @@ import numpy as np
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """Under `pytest -n --dist loadgroup`, a module's tests run on one worker unless they name a
+  group of their own: a module-scoped fixture (a training run, an 8-device child process) is
+  then built once, not once per worker."""
+  for item in items:
+    if item.get_closest_marker("xdist_group") is None:
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
   """A directory of three small, seeded plays made of a ten-word vocabulary."""

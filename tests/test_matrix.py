@@ -175,24 +175,36 @@ def moa_masks(layer: int) -> np.ndarray:
 # One cell.
 
 
-def build(model_kind, sharing, selection, plan_path):
-  cfg = kvjax.load_config(None, overrides(model_kind, sharing, selection, plan_path))
-  model = kvjax.build_model(cfg.model)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  if selection == "gate":  # per-head score biases around the threshold: some tokens go
+@functools.cache
+def params_for(model_kind, sharing, gated: bool):
+  """Parameters shared by a group's cells: only the gate adds any."""
+  cfg = kvjax.load_config(None, overrides(model_kind, sharing, "gate" if gated else "dense", ""))
+  params = jax.jit(kvjax.build_model(cfg.model).init)(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  if gated:  # per-head score biases around the threshold: some tokens go
     flat = traverse_util.flatten_dict(params)
     for path in flat:
       if path[-2:] == ("filter", "bias"):
         flat[path] = jnp.asarray([-0.1, 0.4]) / 30.0  # stored divided by the gate's BIAS_STEP
     params = traverse_util.unflatten_dict(flat)
-  return cfg.model, model, params
+  return params
 
 
-@functools.cache
+def build(model_kind, sharing, selection, plan_path):
+  cfg = kvjax.load_config(None, overrides(model_kind, sharing, selection, plan_path))
+  return cfg.model, kvjax.build_model(cfg.model), params_for(model_kind, sharing,
+                                                             selection == "gate")
+
+
 def decoder(model_kind, sharing, selection, plan_path):
   """The model that decodes the cell's cache and computes its reference: the dense one, shared
   by the cells of a group, except for the gate (its filter runs at every step)."""
-  return build(model_kind, sharing, "gate" if selection == "gate" else "dense", plan_path)[1]
+  return _decoder(model_kind, sharing, "gate" if selection == "gate" else "dense", plan_path)
+
+
+@functools.cache
+def _decoder(model_kind, sharing, selection, plan_path):
+  return build(model_kind, sharing, selection, plan_path)[1]
 
 
 @functools.cache
