@@ -59,15 +59,15 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
   weights_BxKxTx1xS = None if weights_BxKxTxS is None else _by_kv_head(weights_BxKxTxS, k)
   if t == 1:
     return _one_query(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxKxTxGxS, weights_BxKxTx1xS)
-  q_BxKxMxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, d)
-  logits_BxKxMxS = jnp.einsum("bkmd,bskd->bkms", q_BxKxMxD, k_BxSxKxD,
+  q_BxKxTGxD = q_BxTxHxD.reshape(b, t, k, g, d).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, d)
+  logits_BxKxTGxS = jnp.einsum("bkmd,bskd->bkms", q_BxKxTGxD, k_BxSxKxD,
                               preferred_element_type=jnp.float32) * (d ** -0.5)
-  probs_BxKxTxGxS = _softmax(logits_BxKxMxS.reshape(b, k, t, g, s), mask_BxKxTxGxS,
+  probs_BxKxTxGxS = _softmax(logits_BxKxTGxS.reshape(b, k, t, g, s), mask_BxKxTxGxS,
                              weights_BxKxTx1xS, axis=-1)
-  out_BxKxMxD = jnp.einsum("bkms,bskd->bkmd",
+  out_BxKxTGxD = jnp.einsum("bkms,bskd->bkmd",
                            probs_BxKxTxGxS.reshape(b, k, t * g, s).astype(v_BxSxKxD.dtype),
                            v_BxSxKxD, preferred_element_type=jnp.float32)
-  out_BxTxKxGxD = out_BxKxMxD.reshape(b, k, t, g, d).transpose(0, 2, 1, 3, 4)
+  out_BxTxKxGxD = out_BxKxTGxD.reshape(b, k, t, g, d).transpose(0, 2, 1, 3, 4)
   return out_BxTxKxGxD.reshape(b, t, h, d).astype(q_BxTxHxD.dtype)
 
 
