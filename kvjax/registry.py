@@ -89,7 +89,7 @@ def kernel_eligibility(cfg: ModelConfig, platform: str | None = None) -> Eligibi
   rows = cfg.max_seq_len if block is None else -(-cfg.max_seq_len // block) * block
   return eligibility(platform or jax.default_backend(), layout, num_heads=cfg.num_heads,
                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim_, rows=rows,
-                     dtype=cfg.cache_dtype, block_size=block)
+                     dtype=storage(cfg).dtype, block_size=block)
 
 
 def attention_choice(cfg: ModelConfig) -> tuple[str, str]:

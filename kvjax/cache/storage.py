@@ -21,6 +21,8 @@ import jax.numpy as jnp
 class Storage(abc.ABC):
   """A frozen dataclass (static: part of a layout's pytree metadata)."""
 
+  dtype: str  # what `read` returns, and so what attention (and a decode kernel) is handed
+
   @abc.abstractmethod
   def zeros(self, shape: tuple[int, ...]) -> Any:
     """A buffer for entries of `shape` (the last axis: a head's D values)."""
