@@ -47,17 +47,11 @@ def _prefill_chunk(model: nn.Module, params, tokens_BxC: jax.Array, start: jax.A
   cache = cache.with_prompt_lengths(lengths_B)
   at_B = lengths_B - 1 - start
   at_Bx1 = jnp.clip(at_B, 0, c - 1)[:, None]
-  if keep_logits:
-    logits_BxCxV, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
-                                      cache=cache)
-    at_BxV = jnp.take_along_axis(logits_BxCxV, at_Bx1[..., None], axis=1)[:, 0]
-  else:
-    logits_BxCxV = None
-    at_Bx1xV, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
-                                  cache=cache, logits_at=at_Bx1)
-    at_BxV = at_Bx1xV[:, 0]
-  last_BxV = jnp.where(((at_B >= 0) & (at_B < c))[:, None], at_BxV, last_BxV)
-  return logits_BxCxV, cache, last_BxV
+  logits, cache = model.apply({"params": params}, tokens_BxC, positions=positions_BxC,
+                              cache=cache, logits_at=None if keep_logits else at_Bx1)
+  at_Bx1xV = jnp.take_along_axis(logits, at_Bx1[..., None], axis=1) if keep_logits else logits
+  last_BxV = jnp.where(((at_B >= 0) & (at_B < c))[:, None], at_Bx1xV[:, 0], last_BxV)
+  return (logits if keep_logits else None), cache, last_BxV
 
 
 def prefill_cache(model: nn.Module, params, prompts_BxT, prompt_lengths_B, cache, *,
