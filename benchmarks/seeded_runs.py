@@ -129,7 +129,8 @@ class Runner:
     record = {"model": run.model, "config": run.config, "lr": run.lr, "seed": run.seed,
               "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
               "seq_len": cfg.data.seq_len, "val_loss": result.val_loss,
-              "tokens_per_s": result.tokens_per_s, "wall_s": time.perf_counter() - t0}
+              "tokens_per_s": result.tokens_per_s, "wall_s": time.perf_counter() - t0,
+              "device": jax.devices()[0].device_kind}
     if not run.sweep:
       params = restore_params(rundir, cfg)
       batches = held_out_batches(cfg.data, cfg.train.batch_size, cfg.train.eval_batches)
