@@ -4,9 +4,9 @@ against. A leaf module (jax only), so the kernels' references can import it.
 Keys and values arrive as a cache stores them, `[B, S, K, D]`. Several queries per sequence
 (prefill, training) run as batched matmuls per K/V head, queries and probabilities laid out
 `[B, K, T*G, ...]` so that neither operand of either product is transposed at the size of the
-logits. One query per sequence (a decode step) is bound by reading the keys and values: it
-multiplies and reduces them where they lie, since a batched matmul would first copy the whole
-cache into heads-major order.
+logits. One query per sequence (a decode step) is bound by reading the keys and values: its products
+keep the cache's `[B, S, K, D]` order, since heads-major operands would first copy the whole
+cache.
 """
 
 from __future__ import annotations
@@ -72,16 +72,19 @@ def dot_product_attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD:
 
 
 def _one_query(q_Bx1xHxD, k_BxSxKxD, v_BxSxKxD, mask_BxKx1xGxS, weights_BxKx1x1xS):
-  """`dot_product_attention` for T = 1, over keys and values in their `[B, S, K, D]` order."""
+  """`dot_product_attention` for T = 1, contracting keys and values in their `[B, S, K, D]`
+  order: S stays a free axis of both products, so neither copies the cache heads-major, and no
+  operand is broadcast over the G query heads (a broadcast that XLA's CPU backend materialises
+  and fuses badly when two layers read one cache, as cross-layer attention does)."""
   b, _, h, d = q_Bx1xHxD.shape
   k = k_BxSxKxD.shape[2]
   to_bskg = lambda x: jnp.moveaxis(x[:, :, 0], -1, 1)  # [B, K, G, S] -> [B, S, K, G]
-  q_Bx1xKxGxD = q_Bx1xHxD.reshape(b, 1, k, h // k, d).astype(jnp.float32)
-  k_BxSxKx1xD = k_BxSxKxD[:, :, :, None].astype(jnp.float32)
-  logits_BxSxKxG = jnp.sum(q_Bx1xKxGxD * k_BxSxKx1xD, axis=-1) * (d ** -0.5)
+  q_BxKxGxD = q_Bx1xHxD.reshape(b, k, h // k, d)
+  logits_BxSxKxG = jnp.einsum("bkgd,bskd->bskg", q_BxKxGxD, k_BxSxKxD,
+                              preferred_element_type=jnp.float32) * (d ** -0.5)
   probs_BxSxKxG = _softmax(logits_BxSxKxG, to_bskg(mask_BxKx1xGxS),
                            None if weights_BxKx1x1xS is None else to_bskg(weights_BxKx1x1xS),
                            axis=1)
-  out_BxKxGxD = jnp.sum(probs_BxSxKxG[..., None] * v_BxSxKxD[:, :, :, None].astype(jnp.float32),
-                        axis=1)
+  out_BxKxGxD = jnp.einsum("bskg,bskd->bkgd", probs_BxSxKxG.astype(v_BxSxKxD.dtype), v_BxSxKxD,
+                           preferred_element_type=jnp.float32)
   return out_BxKxGxD.reshape(b, 1, h, d).astype(q_Bx1xHxD.dtype)
