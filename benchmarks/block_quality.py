@@ -1,7 +1,7 @@
 """Block Transformer vs vanilla language-model loss at equal non-embedding size (arXiv 2406.02657).
 
   python -m benchmarks.block_quality [--seeds 0 1 2] [--workdir runs/block_quality] [--resume]
-                                     [--report-only] [key=value ...]
+                                     [--report-only] [--lr-check] [key=value ...]
 
 Trains configs/block_5m.yaml and configs/vanilla_5m.yaml (~5M non-embedding parameters each,
 byte-level Shakespeare) with kvjax's trainer, 1,024,000 training bytes each
@@ -22,6 +22,8 @@ model's mean loss is interpolated along the vanilla ladder (log tokens/s linear 
 the two sizes whose losses bracket it); outside the ladder the fastest (or slowest) size bounds
 the ratio.
 
+`--lr-check` also trains every model at {3e-4, 1e-3, 3e-3, 1e-2} on the full budget and every
+seed, and reports the ratio again at each model's best full-budget rate (chosen on the tail set).
 `--resume` reads finished runs and continues unfinished ones (a set can span sittings);
 `--report-only` writes the results of the seeds finished so far and trains nothing.
 Writes benchmarks/results/block_quality_<device>.json and .png.
@@ -118,16 +120,17 @@ def matched_throughput(models: dict, decode: dict, held: str) -> dict:
           "block_tokens_per_s": block_tps, "ratio": block_tps / tps, "how": how}
 
 
-def summarize(runs: list[dict], seeds: list[int]) -> dict:
-  """Per model finished on all `seeds` and held-out set: losses, mean and 95% interval, loss by
-  position per seed; the block / vanilla loss ratio per seed (paired by data order)."""
+def summarize(runs: list[dict], lr_of: dict[str, float], seeds: list[int]) -> dict:
+  """Per model finished on all `seeds` at its rate in `lr_of` and per held-out set: losses,
+  mean and 95% interval, loss by position per seed; the block / vanilla loss ratio per seed
+  (paired by data order)."""
   models = {}
   for name in MODELS:
-    mine = sorted((r for r in runs if r["model"] == name and r["seed"] in seeds),
-                  key=lambda r: r["seed"])
+    mine = sorted((r for r in runs if r["model"] == name and r["lr"] == lr_of[name]
+                   and r["seed"] in seeds), key=lambda r: r["seed"])
     if len(mine) < len(seeds):
       continue
-    models[name] = {"lr": mine[0]["lr"], "seeds": seeds}
+    models[name] = {"lr": lr_of[name], "seeds": seeds}
     for held in HELD_OUT:
       losses = [r["held_out"][held]["loss"] for r in mine]
       models[name][held] = {
@@ -162,6 +165,9 @@ def main() -> None:
   p.add_argument("--resume", action="store_true", help="reuse finished runs, continue the others")
   p.add_argument("--report-only", action="store_true",
                  help="train nothing; report the seeds finished in --workdir")
+  p.add_argument("--lr-check", action="store_true",
+                 help="also train every model at every swept rate on the full budget and report "
+                      "the comparison at each model's best full-budget rate")
   p.add_argument("--cache-budget-mib", type=float, default=64.0,
                  help="fixed KV cache budget for the throughput comparison")
   p.add_argument("--prompt-len", type=int, default=32)
@@ -178,49 +184,56 @@ def main() -> None:
     t0 = time.perf_counter()
     families = {name: MODELS[name][0] for name in ("vanilla", "block")}
     sweep_runs, best = seeded_runs.sweep(families, args.seeds[0], args.overrides, runner)
-    extras = {name: None if name == "block" else by_position(block_len) for name in MODELS}
-    runs = [r for seed in args.seeds for name in MODELS
-            if (r := runner(model_run(name, best[MODELS[name][2]], seed, args.overrides),
-                            extras[name]))]
+    lr_of = {name: best[family] for name, (_, _, family) in MODELS.items()}
+    make = lambda name, lr, seed: (model_run(name, lr, seed, args.overrides),
+                                   None if name == "block" else by_position(block_len))
+    runs, full_lr = seeded_runs.train_models(runner, make, lr_of, args.seeds, args.lr_check)
     train_s = time.perf_counter() - t0
-    seeds = seeded_runs.complete_seeds(runs, PAIR)
+    seeds = seeded_runs.complete_seeds(seeded_runs.at_lrs(runs, lr_of), PAIR)
     if not seeds:
       raise UsageError(f"no seed has finished for both {' and '.join(PAIR)} in {args.workdir}; "
                        f"train first")
 
-  summary = summarize(runs, seeds)
-  models = summary["models"]
-  decode = seeded_runs.decode_at_budget({n: cfgs[n].model for n in models},
+  summary = summarize(runs, lr_of, seeds)
+  full = full_lr and summarize(runs, full_lr, seeds)
+  decode = seeded_runs.decode_at_budget({n: cfgs[n].model for n in MODELS},
                                         int(args.cache_budget_mib * 2**20), args.prompt_len,
                                         args.gen_len)
-  matched = {held: matched_throughput(models, decode, held) for held in HELD_OUT}
-  for name, m in models.items():
-    print(f"{name:10s} " + "  ".join(f"{held} {describe(m[held])}"
-                                     for held in HELD_OUT))
-  for held in HELD_OUT:
-    r = summary["loss_ratio"][held]
-    print(f"{held}: loss ratio block / vanilla {describe(r)} (paper at 5M: "
-          f"{PAPER_RATIO}); loss-matched decode ratio x{matched[held]['ratio']:.2f} "
-          f"({matched[held]['how']})")
   tcfg, dcfg = cfgs["block"].train, cfgs["block"].data
-  tail = summary["loss_ratio"]["tail"]
+  tokens = tcfg.steps * tcfg.batch_size * dcfg.seq_len
+  for title, s in (("short-sweep rates", summary), ("best full-budget rates", full)):
+    if not s:
+      continue
+    s["loss_matched_throughput"] = {held: matched_throughput(s["models"], decode, held)
+                                    for held in HELD_OUT}
+    print(f"-- at the {title}")
+    for name, m in s["models"].items():
+      print(f"{name:10s} lr {m['lr']:<6g} " + "  ".join(f"{held} {describe(m[held])}"
+                                                       for held in HELD_OUT))
+    for held in HELD_OUT:
+      r, matched = s["loss_ratio"][held], s["loss_matched_throughput"][held]
+      print(f"{held}: loss ratio block / vanilla {describe(r)} (paper at 5M: {PAPER_RATIO}); "
+            f"loss-matched decode ratio x{matched['ratio']:.2f} ({matched['how']})")
+  claim = lambda s: {"tokens_per_model": tokens, "seeds": len(seeds),
+                     "lr": {n: s["models"][n]["lr"] for n in PAIR},
+                     "loss_ratio": s["loss_ratio"]["tail"]["mean"],
+                     "loss_ratio_ci95": s["loss_ratio"]["tail"]["ci95"],
+                     "loss_by_position": s["models"]["block"]["tail"]["loss_by_block_position"]}
   write_json("block_quality", {
-      "claim": {"tokens_per_model": tcfg.steps * tcfg.batch_size * dcfg.seq_len,
-                "seeds": len(seeds), "loss_ratio": tail["mean"], "loss_ratio_ci95": tail["ci95"],
-                "loss_by_position": models["block"]["tail"]["loss_by_block_position"]},
+      "claim": claim(summary),
+      **({"claim_full_budget_lr": claim(full), "full_budget_lr": {"best": full_lr, **full}}
+         if full else {}),
       "paper_ratio": PAPER_RATIO,
       "held_out": HELD_OUT,
-      "budget": {"overrides": BUDGET, "tokens": tcfg.steps * tcfg.batch_size * dcfg.seq_len,
+      "budget": {"overrides": BUDGET, "tokens": tokens,
                  "eval_tokens_per_set": tcfg.eval_batches * tcfg.batch_size * dcfg.seq_len},
       "overrides": args.overrides, "seeds": seeds, "sweep_lrs": seeded_runs.SWEEP_LRS,
       "sweep_overrides": seeded_runs.SWEEP, "best_lr": best, **summary,
-      "loss_matched_throughput": matched,
       "decode": {"cache_budget_bytes": int(args.cache_budget_mib * 2**20),
                  "prompt_len": args.prompt_len, "gen_len": args.gen_len, **decode},
       "runs": runs, "sweep_runs": sweep_runs, "train_wall_s": train_s,
       "device": jax.devices()[0].device_kind, "jax_version": jax.__version__})
-  save_plot(plot(models, block_len), "block_quality")
-
+  save_plot(plot(summary["models"], block_len), "block_quality")
 
 if __name__ == "__main__":
   main()

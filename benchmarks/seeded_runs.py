@@ -16,7 +16,9 @@ import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,9 @@ RESULT_FILE = "result.json"
 HELD_OUT = {"tail": "the last 5% of every play (the trainer's validation split)",
             "web_bible": "the World English Bible (Debian sword-text-web), never trained on"}
 SWEEP_LRS = (1e-3, 3e-3, 1e-2)
+# The full-budget check's rates (`lr_check`): the sweep's and one below, as a whole budget can
+# favour a smaller rate than a short run.
+CHECK_LRS = (3e-4, *SWEEP_LRS)
 # Every model's budget: 250 steps x 16 x 256 = 1,024,000 training tokens (bytes); 5% warmup;
 # a checkpoint every 50 steps so that a run stopped part-way loses little.
 BUDGET = ("train.steps=250", "train.batch_size=16", "data.seq_len=256", "train.warmup_steps=12",
@@ -154,6 +159,42 @@ def sweep(families: dict[str, str], seed: int, overrides, runner: Runner,
   best = {name: min((r for r in runs if r["model"] == name), key=lambda r: r["val_loss"])["lr"]
           for name in families}
   return runs, best
+
+
+def lr_check(runner: Runner, make: Callable[[str, float, int], tuple[Run, Any]], names, seeds,
+             lrs=CHECK_LRS) -> tuple[list[dict], dict[str, float]]:
+  """Every model at every learning rate on the full budget and every seed (`make(name, lr, seed)
+  -> (run, extra)`), the check of the short sweep's choice. Returns the runs and, per model, the rate of lowest mean loss on
+  the trainer's validation split (the tail set; the Bible set plays no part in the choice)."""
+  runs = [runner(*make(name, lr, seed)) for seed in seeds for name in names for lr in lrs]
+  if None in runs:
+    raise UsageError(f"the full-budget learning-rate grid in {runner.workdir} is not finished; "
+                     f"run without --report-only first")
+  mean_val = lambda name, lr: np.mean([r["val_loss"] for r in runs
+                                       if r["model"] == name and r["lr"] == lr])
+  return runs, {name: min(lrs, key=lambda lr: mean_val(name, lr)) for name in names}
+
+
+def train_models(runner: Runner, make: Callable[[str, float, int], tuple[Run, Any]],
+                 lr_of: dict[str, float], seeds, check_lrs: bool
+                 ) -> tuple[list[dict], dict[str, float] | None]:
+  """Every model at its swept rate (`lr_of`) for every seed, finished runs only; with
+  `check_lrs` the full-budget grid too (`lr_check`), whose best rates come back (else None)."""
+  runs = [r for seed in seeds for name in lr_of if (r := runner(*make(name, lr_of[name], seed)))]
+  if not check_lrs:
+    return runs, None
+  grid, best = lr_check(runner, make, lr_of, seeds)
+  return distinct(runs + grid), best
+
+
+def distinct(runs: list[dict]) -> list[dict]:
+  """Each (model, learning rate, seed) once: the grid repeats the runs at the swept rate."""
+  return list({(r["model"], r["lr"], r["seed"]): r for r in runs}.values())
+
+
+def at_lrs(runs: list[dict], lr_of: dict[str, float]) -> list[dict]:
+  """The runs of every model at its learning rate in `lr_of`."""
+  return [r for r in runs if r["lr"] == lr_of.get(r["model"])]
 
 
 def t_interval(values) -> dict:
