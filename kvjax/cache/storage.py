@@ -23,7 +23,7 @@ import jax.numpy as jnp
 class Storage(abc.ABC):
   """A frozen dataclass (static: part of a layout's pytree metadata)."""
 
-  dtype: str  # what `read` returns, and so what attention (and a decode kernel) is handed
+  dtype: str  # what `read` returns: the values attention (and a decode kernel) computes with
 
   @abc.abstractmethod
   def zeros(self, shape: tuple[int, ...]) -> Any:

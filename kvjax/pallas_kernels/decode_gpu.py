@@ -13,6 +13,10 @@ FMAs, so padding a 1-8 row group to 16 would do up to 16x redundant work for the
 result. (bf16x3 on tensor cores would be cheaper per row but less exact than the float32
 reference; at these groups the kernel is bound by memory, not FMAs.) Half-precision caches keep
 tensor-core dots, where the padded rows are free.
+
+Quantized K/V: each block's codes and scales are loaded together (masked alike) and dequantized
+in registers into the query's dtype; int4's two nibble halves are two column parts, each padded
+like a head and met by its half of the query, so the output comes back as two halves.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, num_splits: int, 
       return (load(refs[0], i, head_dim, dp),)
     codes_ref, scales_ref = refs
     scales = load(scales_ref, i, groups, pow2_at_least(groups))
-    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype)
+    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype, by_dot=False)
                  for p, c_SxW in enumerate(code_parts(load(codes_ref, i, head_dim, dp), mode)))
 
   per = rows // row_groups
@@ -123,9 +127,9 @@ def decode_gpu(q_BxKxGxD, k, v, layer_1, num_tokens_BxK, table_BxKxM, *, block_s
   fma = uses_fma(g, q_BxKxGxD.dtype)
   rows, dp = (g, pow2_at_least(dc)) if fma else (pow2_at_least(g, MIN_DOT_DIM),
                                                  pow2_at_least(dc, MIN_DOT_DIM))
-  q_BxKxGxD = q_BxKxGxD.reshape(b, kh, g, parts, dc)
-  q_BxKxRxW = jnp.pad(q_BxKxGxD, ((0, 0), (0, 0), (0, rows - g), (0, 0), (0, dp - dc))).reshape(
-      b, kh, rows, parts * dp)
+  q_BxKxRxW = jnp.pad(q_BxKxGxD.reshape(b, kh, g, parts, dc),  # each part padded to dp
+                      ((0, 0), (0, 0), (0, rows - g), (0, 0), (0, dp - dc))).reshape(
+                          b, kh, rows, parts * dp)
   tables = () if table_BxKxM is None else (table_BxKxM,)
   kernel = functools.partial(
       _kernel, block_size=block_size, num_splits=num_splits, head_dim=dc, groups=groups,

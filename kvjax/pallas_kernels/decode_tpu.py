@@ -21,6 +21,10 @@ Tiling, for any head_dim and KV head count under Mosaic's (8, 128) rule:
   pipeline does for edge blocks.
 - Splits of the sequence only help to occupy a second TensorCore (megacore), so a program
   normally walks its whole sequence.
+- Quantized K/V: codes and scales are DMA'd side by side, each into its own double buffer, and
+  dequantized in float32 per chunk (codes widened to int32, int4 nibbles split by shifts, a
+  chunk capped so one dequantized part fits `DEQUANT_TILE_BYTES`). A tile's columns must be
+  lane-aligned in both buffers, so a dense cache with one scale per head is read as whole rows.
 """
 
 from __future__ import annotations
@@ -156,7 +160,7 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk:
     if mode is None:
       return tiles
     codes_SxW, scales = tiles
-    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype)
+    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype, by_dot=True)
                  for p, c_SxW in enumerate(code_parts(codes_SxW, mode)))
 
   def body(c, carry):
@@ -208,7 +212,7 @@ def decode_tpu(q_BxKxGxD, k, v, layer_1, num_tokens_BxK, table_BxKxM, *,
     max_blocks, tail_rows = table_BxKxM.shape[2], block_size
   row_bytes = sum(round_up(w, LANES) * x.dtype.itemsize for w, x in zip(widths, operands))
   chunk_rows = min(MAX_CHUNK_ROWS, KV_VMEM_BUDGET // (2 * row_bytes))
-  if quant:  # the dequantized float32 chunk of one part, its scales and selects live in VMEM
+  if quant:  # a chunk's dequantized float32 part and its spread scales live in VMEM
     chunk_rows = min(chunk_rows, DEQUANT_TILE_BYTES // (4 * round_up(widths[0], LANES)))
   bps = blocks_per_chunk or max(1, min(chunk_rows // block_size, max_blocks))
   num_splits = num_splits or tpu_num_splits(b, tiles, max_blocks)

@@ -86,23 +86,26 @@ def dequantize(x: QuantizedKV, dtype) -> jax.Array:
   return values.reshape(codes.shape).astype(dtype)
 
 
-def dequantize_tile(codes_SxW, scales, scale_index_1xW, dtype) -> jax.Array:
+def dequantize_tile(codes_SxW, scales, scale_index_1xW, dtype, *, by_dot: bool) -> jax.Array:
   """One part of a loaded K/V tile as values: `codes_SxW` (a `code_parts` part) times, per
   column, the scale at `scale_index_1xW` among the tile's scale columns.
 
-  A single scale column is broadcast; several are spread over the columns by a product with
-  their one-hot selection matrix (an MXU / tensor-core dot, exact: one nonzero term per
-  output), which both backends lower, where gathers of a loaded tile do not.
+  A single scale column is broadcast; several are spread over the columns by their one-hot
+  selection matrix (gathers of a loaded tile lower on neither backend), exactly (one nonzero
+  term per output): `by_dot`, an MXU product (Mosaic; Triton dots need every dimension
+  >= 16), else a broadcast multiply + reduce (Triton, any size).
   """
   count = scales.shape[1]
   if count == 1:
     scale_SxW = jnp.broadcast_to(scales.astype(jnp.float32), codes_SxW.shape)
-  else:
-    which_Wx1 = jax.lax.broadcasted_iota(jnp.int32, (count, 1), 0)
-    one_hot = (which_Wx1 == scale_index_1xW).astype(scales.dtype)
+  elif by_dot:
+    one_hot = jax.lax.broadcasted_iota(jnp.int32, (count, 1), 0) == scale_index_1xW
     precision = jax.lax.Precision.HIGHEST if scales.dtype == jnp.float32 else None
-    scale_SxW = jax.lax.dot(scales, one_hot, precision=precision,
+    scale_SxW = jax.lax.dot(scales, one_hot.astype(scales.dtype), precision=precision,
                             preferred_element_type=jnp.float32)
+  else:
+    one_hot = jax.lax.broadcasted_iota(jnp.int32, (1, count, 1), 1) == scale_index_1xW[None]
+    scale_SxW = jnp.sum(jnp.where(one_hot, scales.astype(jnp.float32)[:, :, None], 0.0), axis=1)
   return (codes_SxW.astype(jnp.float32) * scale_SxW).astype(dtype)
 
 
