@@ -24,7 +24,8 @@ Tiling, for any head_dim and KV head count under Mosaic's (8, 128) rule:
 - Quantized K/V: codes and scales are DMA'd side by side, each into its own double buffer, and
   dequantized in float32 per chunk (codes widened to int32, int4 nibbles split by shifts, a
   chunk capped so one dequantized part fits `DEQUANT_TILE_BYTES`). A tile's columns must be
-  lane-aligned in both buffers, so a dense cache with one scale per head is read as whole rows.
+  lane-aligned in both buffers, so a dense cache with one scale per head is read as whole rows;
+  a partial last block is rounded up to 32 rows, the row tile of 1-byte codes.
 """
 
 from __future__ import annotations
@@ -203,7 +204,8 @@ def decode_tpu(q_BxKxGxD, k, v, layer_1, num_tokens_BxK, table_BxKxM, *,
   per_tile = 1 if flat else heads_per_tile(kh, *head_widths)
   tiles = kh // per_tile
   widths = [per_tile * w for w in head_widths] * 2
-  tile = max(row_tile(n, x.dtype) for x in operands)
+  # DMA windows end on every buffer's row tile; 1-byte codes pack 4 rows a sublane: 32 rows
+  tile = max(sublane_rows(x.dtype) if quant else row_tile(n, x.dtype) for x in operands)
   if table_BxKxM is None:
     block_size = block_size or min(DENSE_BLOCK_ROWS, round_up(n, tile))
     max_blocks = -(-n // block_size)

@@ -63,12 +63,11 @@ def _reason(platform: str, layout: str, num_heads: int, num_kv_heads: int, head_
     return (f"per-head block tables over [B, N, K, D] need head_dim % {LANES} == 0 on tpu "
             f"(got K={num_kv_heads}, D={head_dim}); use a flat [B, N, D] buffer")
   if quant:
-    return _quant_reason(platform, layout, num_kv_heads, head_dim, rows, block_size, quant,
-                         group)
+    return _quant_reason(platform, layout, num_kv_heads, head_dim, block_size, quant, group)
   return ""
 
 
-def _quant_reason(platform: str, layout: str, num_kv_heads: int, head_dim: int, rows: int,
+def _quant_reason(platform: str, layout: str, num_kv_heads: int, head_dim: int,
                   block_size: int | None, quant: str, group: int) -> str:
   if quant not in MODES:
     return f"unknown code format {quant!r} (known: {', '.join(MODES)})"
@@ -78,9 +77,9 @@ def _quant_reason(platform: str, layout: str, num_kv_heads: int, head_dim: int, 
     return f"int4 codes pack two values a byte: head_dim must be even, got {head_dim}"
   if platform != "tpu":
     return ""
-  if rows % TPU_CODE_ROWS or (block_size or TPU_CODE_ROWS) % TPU_CODE_ROWS:
-    return (f"quantized caches on tpu need rows ({rows}) and blocks ({block_size}) in "
-            f"multiples of {TPU_CODE_ROWS}, the row tile of 1-byte codes")
+  if block_size and block_size % TPU_CODE_ROWS:
+    return (f"quantized caches on tpu need blocks in multiples of {TPU_CODE_ROWS} rows, the "
+            f"row tile of 1-byte codes; got {block_size}")
   if layout == "dense_blocks" and num_kv_heads > 1:
     return ("per-head block tables over quantized [B, N, K, D] codes would DMA scale columns "
             "narrower than 128 lanes on tpu; use a flat [B, N, D] buffer")
