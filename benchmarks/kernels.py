@@ -328,16 +328,13 @@ def plot(result: dict) -> None:
          title="block_sparse_decode")
   ax.legend(fontsize=7)
   ax = axes[3]
-  for cache, impl in [("bfloat16", "pallas"), *((m, i) for m in QUANT_MODES
-                                                for i in ("pallas", "xla"))]:
-    pts = [(r["context"], 1e6 * r["seconds"]) for r in rows if r["section"] == "quant"
-           and r["cache"] == cache and r["impl"] == impl]
-    if pts:
-      ax.plot(*zip(*pts), "-" if impl == "pallas" else "--", marker="o",
-              label=f"{impl} {cache}")
-  ax.set(xscale="log", yscale="log", xlabel="context (= valid length)", ylabel="us per call",
-         title="quantized caches, GQA dense decode")
-  ax.legend(fontsize=7)
+  quant = [r for r in rows if r["section"] == "quant"]
+  if quant:
+    last = [r for r in quant if r["context"] == quant[-1]["context"]]
+    ax.bar([f"{r['impl']}\n{r['cache']}" for r in last], [r["speedup_vs_bf16"] for r in last])
+    ax.axhline(1, color="k", lw=1)
+    ax.set(ylabel="bf16 kernel's time / this time", title=f"quantized caches, GQA, B="
+           f"{last[0]['batch']}, context {last[0]['context']}")
   save_plot(fig, "kernels")
 
 
