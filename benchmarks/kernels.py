@@ -1,6 +1,6 @@
 """Decode kernels against the memory roofline, XLA and jax's own decode kernel.
 
-  python -m benchmarks.kernels [--preset auto|cpu|gpu] [--repeats 3]
+  python -m benchmarks.kernels [--preset auto|cpu|gpu] [--repeats 3] [--sections dense ...]
 
 Sections, all bf16 with head dim 128 (GQA 32:8 and MQA 32:1):
 - roofline: GB/s of a copy (each byte read and written) and of a read-only reduction.
@@ -10,6 +10,10 @@ Sections, all bf16 with head dim 128 (GQA 32:8 and MQA 32:1):
   with its transpose as a separate row.
 - ragged: one capacity, valid lengths 1/16 .. 1 of it (and a batch of mixed lengths): the
   kernels read only the valid tokens, the XLA reference reads the whole buffer.
+- quant: GQA dense decode from int8 and int4 caches (one bfloat16 scale per head; bf16 query)
+  beside the bf16 cache, timed side by side in one run: the kernel reads codes and scales and
+  dequantizes in the kernel, the XLA reference dequantizes the whole cache, then attends.
+  `speedup_vs_bf16` is the bf16 kernel's time over each row's, on the same shape.
 - sparse: `block_sparse_decode` at densities 1 .. 1/16 of the blocks, with the least-squares
   fit `t = fixed + density * per_density`.
 - big (GPU): a K/V buffer over 4 GiB, so the kernel's 64-bit offsets are exercised.
@@ -37,6 +41,8 @@ import numpy as np
 from benchmarks.common import save_plot, write_json
 from kvjax.pallas_kernels import (block_sparse_decode, block_sparse_decode_ref, shared_kv_decode,
                                   shared_kv_decode_ref)
+from kvjax.quant import dequantize, quantize
+from kvjax.quant.storage import QuantStorage
 
 try:  # deprecated in jax; may be absent from the jax a GPU machine has
   from jax.experimental.pallas.ops.gpu import decode_attention as jax_decode_attention
@@ -49,11 +55,13 @@ DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 FRACTIONS = (0.0625, 0.125, 0.25, 0.5, 1.0)
 PRESETS = {
     "cpu": dict(batches=(1,), contexts=(256, 512), roofline_mib=64, ragged=(2, 512),
-                sparse=(2, 512), big=None, window_s=0.05),
+                sparse=(2, 512), quant=(1, (256,)), big=None, window_s=0.05),
     "gpu": dict(batches=(1, 16), contexts=(4096, 32768, 131072), roofline_mib=4096,
-                ragged=(16, 32768), sparse=(16, 32768), big=(18, 131072), window_s=0.05),
+                ragged=(16, 32768), sparse=(16, 32768), quant=(16, (32768,)),
+                big=(18, 131072), window_s=0.05),
 }
 TOLERANCE = 2e-2  # bf16 K/V and probabilities against a float32 reference
+QUANT_MODES = ("int8", "int4")
 
 
 def device_seconds(fn, args, repeats: int, window_s: float) -> float:
@@ -96,10 +104,12 @@ def roofline(mib: int, repeats: int, window_s: float) -> dict:
   return dict(copy_gb_per_s=2 * x.nbytes / copy / 1e9, read_gb_per_s=x.nbytes / read / 1e9)
 
 
-def decode_bytes(batch: int, tokens: float, num_heads: int, num_kv_heads: int) -> float:
-  """What a decode step must move: K and V of the valid tokens, q in and o out."""
-  item = jnp.dtype(DTYPE).itemsize
-  return batch * item * HEAD_DIM * (2 * tokens * num_kv_heads + 2 * num_heads)
+def decode_bytes(batch: int, tokens: float, num_heads: int, num_kv_heads: int,
+                 entry_bytes: float = HEAD_DIM * jnp.dtype(DTYPE).itemsize) -> float:
+  """What a decode step must move: K and V of the valid tokens (`entry_bytes` per token and
+  head: D values, or codes and scales), q in and o out."""
+  q_bytes = HEAD_DIM * jnp.dtype(DTYPE).itemsize
+  return batch * (2 * tokens * num_kv_heads * entry_bytes + 2 * num_heads * q_bytes)
 
 
 def dense_inputs(seed: int, batch: int, context: int, num_heads: int, num_kv_heads: int):
@@ -183,6 +193,39 @@ def bench_ragged(preset: dict, args) -> list[dict]:
   return rows
 
 
+def bench_quant(preset: dict, args) -> list[dict]:
+  """bf16, int8 and int4 caches of the same values: each kernel and XLA reference against the
+  float32 reference on the values its cache holds."""
+  batch, contexts = preset["quant"]
+  h, kh = HEADS["gqa"]
+  rows = []
+  for context in contexts:
+    q, k, v = dense_inputs(5, batch, context, h, kh)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    row = {"section": "quant", "heads": "gqa", "batch": batch, "context": context,
+           "length": context}
+    want = highest(shared_kv_decode_ref)(q, k, v, lengths)
+    base = time_and_check(dict(row, cache="bfloat16"), {"pallas": (shared_kv_decode,
+                                                                    (k, v, lengths))},
+                          q, want, decode_bytes(batch, context, h, kh), args)
+    for mode in QUANT_MODES:
+      storage = QuantStorage(mode, dtype=jnp.dtype(DTYPE).name)
+      kb, vb = quantize(k, mode), quantize(v, mode)
+      kq, vq = storage.kernel_operand(kb), storage.kernel_operand(vb)
+      want = highest(shared_kv_decode_ref)(q, dequantize(kb, mode), dequantize(vb, mode),
+                                           lengths)
+      entry = kq.codes.shape[-1] * kq.codes.dtype.itemsize + 2 * kq.scales.shape[-1]
+      base += time_and_check(dict(row, cache=mode),
+                             {"pallas": (shared_kv_decode, (kq, vq, lengths)),
+                              "xla": (shared_kv_decode_ref, (kq, vq, lengths))},
+                             q, want, decode_bytes(batch, context, h, kh, entry), args)
+    for r in base:
+      r["speedup_vs_bf16"] = base[0]["seconds"] / r["seconds"]
+    rows += base
+    del q, k, v
+  return rows
+
+
 def sparse_inputs(batch: int, context: int, num_heads: int, num_kv_heads: int):
   """Each KV head owns `context` rows of a flat buffer; its table lists its blocks shuffled."""
   blocks = context // BLOCK
@@ -238,13 +281,17 @@ def bench_big(preset: dict, args) -> list[dict]:
   return [row]
 
 
+SECTIONS = {"dense": bench_dense, "ragged": bench_ragged, "quant": bench_quant,
+            "sparse": bench_sparse, "big": bench_big}
+
+
 def plot(result: dict) -> None:
   import matplotlib  # noqa: PLC0415 (optional, only for the figure)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   rows = result["rows"]
-  fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+  fig, axes = plt.subplots(1, 4, figsize=(24, 4.8))
   ax = axes[0]
   for impl, style in (("pallas", "-"), ("xla", "--"), ("jax_decode_attention", ":")):
     for heads in HEADS:
@@ -271,13 +318,23 @@ def plot(result: dict) -> None:
   for impl in ("pallas", "xla"):
     pts = [(r["density"], 1e6 * r["seconds"]) for r in rows if r["section"] == "sparse"
            and r["impl"] == impl]
-    ax.plot(*zip(*pts), marker="o", label=impl)
-  fit = result["sparse_fit"]
-  ax.plot(DENSITIES, [1e6 * (fit["fixed_s"] + d * fit["per_density_s"]) for d in DENSITIES],
-          "k:", label="fit: fixed + density x slope")
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=impl)
+  if "sparse_fit" in result:
+    fit = result["sparse_fit"]
+    ax.plot(DENSITIES, [1e6 * (fit["fixed_s"] + d * fit["per_density_s"]) for d in DENSITIES],
+            "k:", label="fit: fixed + density x slope")
   ax.set(xscale="log", yscale="log", xlabel="density", ylabel="us per call",
          title="block_sparse_decode")
   ax.legend(fontsize=7)
+  ax = axes[3]
+  quant = [r for r in rows if r["section"] == "quant"]
+  if quant:
+    last = [r for r in quant if r["context"] == quant[-1]["context"]]
+    ax.bar([f"{r['impl']}\n{r['cache']}" for r in last], [r["speedup_vs_bf16"] for r in last])
+    ax.axhline(1, color="k", lw=1)
+    ax.set(ylabel="bf16 kernel's time / this time", title=f"quantized caches, GQA, B="
+           f"{last[0]['batch']}, context {last[0]['context']}")
   save_plot(fig, "kernels")
 
 
@@ -285,6 +342,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", choices=("auto", *PRESETS), default="auto")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=tuple(SECTIONS),
+                 help="sections to run (default: all; big only where the preset has it)")
   args = p.parse_args()
   name = args.preset if args.preset != "auto" else (
       "cpu" if jax.default_backend() == "cpu" else "gpu")
@@ -298,8 +357,8 @@ def main() -> None:
                 jax_decode_attention="timed on pre-transposed K/V" if jax_decode_attention
                 else "not in this jax: skipped",
                 preset=dict(name=name, **preset), head_dim=HEAD_DIM, dtype=jnp.dtype(DTYPE).name,
-                block_size=BLOCK, roofline=roof, rows=[])
-  sections = [bench_dense, bench_ragged, bench_sparse] + [bench_big] * bool(preset["big"])
+                block_size=BLOCK, sections=args.sections, roofline=roof, rows=[])
+  sections = [SECTIONS[name] for name in args.sections if name != "big" or preset["big"]]
   for section in sections:  # the JSON is rewritten after each section: a cut run keeps its rows
     rows = section(preset, args)
     if section is bench_sparse:

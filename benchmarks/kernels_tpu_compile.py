@@ -1,12 +1,14 @@
 """Compiles the Mosaic decode kernels for TPUs, without a TPU: every cache layout of every config
-in configs/, bf16 and f32, through the full TPU compiler (Mosaic's layout passes, VMEM
+in configs/, bf16 and f32 (and bf16 values from int8, fp8 and int4 codes wherever eligibility
+admits them), through the full TPU compiler (Mosaic's layout passes, VMEM
 allocation) on compile-only topologies. Cross-lowering checks Pallas's block rules only; this
 catches what Mosaic itself rejects.
 
   pip install libtpu   # the TPU compiler; no TPU needed
   TPU_WORKER_HOSTNAMES=localhost python -m benchmarks.kernels_tpu_compile [--topologies v5e:2x2 ...]
 
-Writes benchmarks/results/kernels_tpu_compile.json (one row per topology x config x case x dtype).
+Writes benchmarks/results/kernels_tpu_compile.json (one row per topology x config x case x
+dtype x code format).
 """
 
 from __future__ import annotations
@@ -21,15 +23,26 @@ from jax.experimental import topologies
 
 import kvjax
 from benchmarks.common import RESULTS
+from kvjax.pallas_kernels import eligibility
 from kvjax.pallas_kernels.coverage import abstract_call, config_cases
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+# (value dtype, code format): float caches, and quantized ones with bf16 values
+FORMATS = [("bfloat16", None), ("float32", None), ("bfloat16", ("int8", 0)),
+           ("bfloat16", ("fp8", 0)), ("bfloat16", ("int4", 8))]
 
 
-def compile_error(case, dtype: str, device) -> str:
+def tpu_eligible(case, dtype: str, quant) -> bool:
+  return eligibility("tpu", case.layout, num_heads=case.num_heads,
+                     num_kv_heads=case.num_kv_heads, head_dim=case.head_dim, rows=case.rows,
+                     dtype=dtype, block_size=case.block_size,
+                     **({"quant": quant[0], "group": quant[1]} if quant else {})).ok
+
+
+def compile_error(case, dtype: str, quant, device) -> str:
   """'' when the case's kernel compiles for `device`, else the compiler's first lines."""
   fn, args = abstract_call(case, dtype, "mosaic_tpu",
-                           sharding=jax.sharding.SingleDeviceSharding(device))
+                           sharding=jax.sharding.SingleDeviceSharding(device), quant=quant)
   try:
     jax.jit(fn).trace(*args).lower().compile()
     return ""
@@ -47,16 +60,20 @@ def main() -> None:
     device = topologies.get_topology_desc(topology_name=name, platform="tpu").devices[0]
     for path in CONFIGS:
       for case in config_cases(kvjax.load_config(path).model):
-        for dtype in ("bfloat16", "float32"):
-          key = (name, case, dtype)
+        for dtype, quant in FORMATS:
+          if quant and not tpu_eligible(case, dtype, quant):
+            continue
+          key = (name, case, dtype, quant)
           t0 = time.perf_counter()
           if key not in seen:  # configs share shapes: compile each once per topology
-            seen[key] = compile_error(case, dtype, device)
+            seen[key] = compile_error(case, dtype, quant, device)
+          codes = "-".join(map(str, quant)) if quant else None
           rows.append(dict(topology=name, device_kind=device.device_kind, config=path.stem,
-                           case=case._asdict(), dtype=dtype, error=seen[key],
+                           case=case._asdict(), dtype=dtype, codes=codes, error=seen[key],
                            seconds=time.perf_counter() - t0))
           print(f"{name} {path.stem} {case.layout} {case.num_heads}/{case.num_kv_heads}x"
-                f"{case.head_dim} rows={case.rows} {dtype}: {seen[key] or 'ok'}", flush=True)
+                f"{case.head_dim} rows={case.rows} {dtype} {codes or ''}: "
+                f"{seen[key] or 'ok'}", flush=True)
   failed = [r for r in rows if r["error"]]
   RESULTS.mkdir(parents=True, exist_ok=True)
   out = RESULTS / "kernels_tpu_compile.json"

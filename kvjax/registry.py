@@ -27,6 +27,7 @@ from kvjax.layers.kv_sharing import METHOD as CLA
 from kvjax.method import Method
 from kvjax.moa.method import METHOD as MOA
 from kvjax.pallas_kernels.eligibility import Eligibility, eligibility
+from kvjax.pallas_kernels.quantized import code_format
 from kvjax.quant.method import METHOD as KV_QUANT
 
 METHODS: tuple[Method, ...] = (CLA, MOA, ATTENTION_GATE, EVICTION, KV_QUANT)
@@ -87,9 +88,11 @@ def kernel_eligibility(cfg: ModelConfig, platform: str | None = None) -> Eligibi
   layout, block = next((m.kernel(cfg) for m in active(cfg) if m.kernel),
                        ("stacked" if cfg.scan_layers else "dense", None))
   rows = cfg.max_seq_len if block is None else -(-cfg.max_seq_len // block) * block
+  entries, d = storage(cfg), cfg.head_dim_
+  operand = jax.eval_shape(lambda: entries.kernel_operand(entries.zeros((1, 1, d))))
   return eligibility(platform or jax.default_backend(), layout, num_heads=cfg.num_heads,
-                     num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim_, rows=rows,
-                     dtype=storage(cfg).dtype, block_size=block)
+                     num_kv_heads=cfg.num_kv_heads, head_dim=d, rows=rows, dtype=entries.dtype,
+                     block_size=block, **code_format(operand, d))
 
 
 def attention_choice(cfg: ModelConfig) -> tuple[str, str]:

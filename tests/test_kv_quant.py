@@ -24,12 +24,15 @@ import pytest
 import decode
 import kvjax
 from kvjax import registry
+from kvjax.cache.compact import compact_layout
 from kvjax.cache.storage import PlainStorage
 from kvjax.decode import SamplingConfig, decode_step, generate, init_cache, prefill_cache
 from kvjax.errors import ConfigError
+from kvjax.layers.cache import Chunk
 from kvjax.moa.plan import Plan
 from kvjax.quant import dequantize, quantize
 from kvjax.quant import method as quant_method
+from kvjax.quant.storage import QuantStorage
 
 B, P, G = 2, 24, 4  # batch, padded prompt width, new tokens
 N = P + G
@@ -226,6 +229,24 @@ def test_quantized_cache_decodes_as_its_round_trip(model_kind, sharing, selectio
     out = generate(model, params, PROMPTS, LENGTHS, max_new_tokens=G, rng=jax.random.key(0),
                    cache=init_cache(cfg, B, N), sampling=SamplingConfig(), chunk=CHUNK)
     np.testing.assert_array_equal(out.tokens, tokens)
+
+
+def test_the_kernel_reads_the_codes_a_compacted_cache_dequantizes():
+  """Under `attention_impl=pallas` a flat (compacted) layout hands the block-sparse kernel its
+  codes and scales (`Storage.kernel_operand`): the same attention as the jnp path over the
+  values `read` dequantizes. (Dense layouts: tests/test_kernels.py's greedy decode.)"""
+  b, s, kh, h, d = 2, 40, 2, 4, 16
+  keys = jax.random.split(jax.random.key(5), 4)
+  k, v = (jax.random.normal(key, (b, s, kh, d)) for key in keys[:2])
+  keep = jax.random.uniform(keys[2], (b, s, kh)) < 0.6
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  write = jax.jit(lambda chunk: compact_layout(b, s, kh, d, QuantStorage("int4", 8),
+                                               impl="pallas").write(chunk))
+  layer = write(Chunk(k, v, positions, keep)).finish_prefill(4, jax.random.key(0))
+  q = jax.random.normal(keys[3], (b, 1, h, d))
+  last = Chunk(k=None, v=None, positions=jnp.full((b, 1), s - 1, jnp.int32))
+  attend = jax.jit(lambda layer: layer.attend(q, last)[0])
+  np.testing.assert_allclose(attend(layer), attend(layer.replace(impl="xla")), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,10 +92,12 @@ class CompactLayout(Layout):
     """Each head's visible rows (the chunk was written here, its unkept tokens included); with
     one query per sequence they are a prefix of the head's rows, which the kernel reads."""
     positions_BxT = chunk.positions
-    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
       num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT)[:, 0])
-      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, TABLE_BLOCK), self
+      operand = self.storage.kernel_operand
+      return self.heads.decode(q_BxTxHxD, operand(self.k), operand(self.v), num_tokens_BxK,
+                               TABLE_BLOCK), self
+    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT)
     return self.heads.attend(q_BxTxHxD, k_BxNxD, v_BxNxD, mask_of), self
 

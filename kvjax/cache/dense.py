@@ -33,11 +33,8 @@ def _slots(chunk: Chunk) -> tuple[jax.Array, jax.Array]:
 
 
 def dense_attend(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
-                 positions_BxT: jax.Array, impl: str) -> jax.Array:
-  """Queries at `positions_BxT` over slots `<= position`: the Pallas kernel for one query per
-  sequence under `impl="pallas"`, the jnp reference otherwise."""
-  if q_BxTxHxD.shape[1] == 1 and impl == "pallas":
-    return shared_kv_decode(q_BxTxHxD[:, 0], k_BxSxKxD, v_BxSxKxD, positions_BxT[:, 0] + 1)[:, None]
+                 positions_BxT: jax.Array) -> jax.Array:
+  """Queries at `positions_BxT` over slots `<= position` (the jnp path)."""
   b, s = k_BxSxKxD.shape[:2]
   slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   return dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
@@ -62,8 +59,16 @@ class DenseLayout(Layout):
                         v=self.storage.put(self.v, at, chunk.v))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, DenseLayout]:
+    """The Pallas kernel for one query per sequence under `impl="pallas"` (reading what the
+    storage hands it), the jnp path over the stored values otherwise."""
+    positions_BxT = chunk.positions
+    if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
+      operand = self.storage.kernel_operand
+      out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], operand(self.k), operand(self.v),
+                                   positions_BxT[:, 0] + 1)
+      return out_BxHxD[:, None], self
     read = self.storage.read
-    return dense_attend(q_BxTxHxD, read(self.k), read(self.v), chunk.positions, self.impl), self
+    return dense_attend(q_BxTxHxD, read(self.k), read(self.v), positions_BxT), self
 
 
 def dense_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
@@ -106,15 +111,16 @@ class StackedLayout(Layout):
                                             v=stack.storage.put(stack.v, at, chunk.v)))
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, StackedLayout]:
-    """The kernel reads the group's buffer in place; the reference slices it out."""
+    """The kernel reads the group's buffer in place; the jnp path reads it sliced out."""
     stack, positions_BxT = self.stack, chunk.positions
-    k, v = stack.storage.read(stack.k), stack.storage.read(stack.v)
     if q_BxTxHxD.shape[1] == 1 and stack.impl == "pallas":
-      out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], k, v, positions_BxT[:, 0] + 1,
-                                   stack_index=self.index)
+      operand = stack.storage.kernel_operand
+      out_BxHxD = shared_kv_decode(q_BxTxHxD[:, 0], operand(stack.k), operand(stack.v),
+                                   positions_BxT[:, 0] + 1, stack_index=self.index)
       return out_BxHxD[:, None], self
     take = lambda x: jax.lax.dynamic_index_in_dim(x, self.index, keepdims=False)
-    return dense_attend(q_BxTxHxD, take(k), take(v), positions_BxT, "xla"), self
+    layer = lambda buf: stack.storage.read(jax.tree.map(take, buf))
+    return dense_attend(q_BxTxHxD, layer(stack.k), layer(stack.v), positions_BxT), self
 
 
 def stacked_cache(groups: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,

@@ -65,11 +65,11 @@ class FlatHeads:
                                         v_BxNxD[:, rows, None], mask_of(h, rows)))
     return jnp.concatenate(outs, axis=2)
 
-  def decode(self, q_Bx1xHxD: jax.Array, k_BxNxD: jax.Array, v_BxNxD: jax.Array,
-             num_tokens_BxK: jax.Array, block: int) -> jax.Array:
+  def decode(self, q_Bx1xHxD: jax.Array, k: Any, v: Any, num_tokens_BxK: jax.Array,
+             block: int) -> jax.Array:
     """The kernel for one query per sequence over each head's first `num_tokens` rows (head
-    sizes and offsets are whole blocks)."""
+    sizes and offsets are whole blocks); k, v: `[B, N, D]` as a storage's `kernel_operand`."""
     first_BxK = jnp.broadcast_to(jnp.asarray(self.offsets[:-1] // block), num_tokens_BxK.shape)
     tables_BxKxM = range_tables(first_BxK, max(self.sizes) // block)
-    return block_sparse_decode(q_Bx1xHxD[:, 0], k_BxNxD, v_BxNxD, tables_BxKxM, num_tokens_BxK,
+    return block_sparse_decode(q_Bx1xHxD[:, 0], k, v, tables_BxKxM, num_tokens_BxK,
                                block_size=block)[:, None]

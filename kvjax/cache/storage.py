@@ -1,7 +1,9 @@
 """How a cache stores each K/V entry: what a layout's buffers hold, and how values go in and out.
 
 Layouts never touch their buffers' values directly: they allocate them with `zeros`, scatter new
-entries with `put` and read values with `read`. Buffers are pytrees whose leaves share the
+entries with `put` and read values with `read`, or hand a decode kernel what it reads with
+`kernel_operand` (a quantized buffer's codes and scales, dequantized inside the kernel: no float
+copy of the cache is made for it). Buffers are pytrees whose leaves share the
 leading axes (rows, heads) and differ only in the last, so a layout moves rows of any storage
 with `jax.tree.map` (slicing, padding, concatenating when it compacts). `PlainStorage` keeps the
 values in a float dtype; a method of the "how entries are stored" role (`kvjax.registry`)
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 class Storage(abc.ABC):
   """A frozen dataclass (static: part of a layout's pytree metadata)."""
 
-  dtype: str  # what `read` returns, and so what attention (and a decode kernel) is handed
+  dtype: str  # what `read` returns: the values attention (and a decode kernel) computes with
 
   @abc.abstractmethod
   def zeros(self, shape: tuple[int, ...]) -> Any:
@@ -35,6 +37,11 @@ class Storage(abc.ABC):
   @abc.abstractmethod
   def read(self, buf: Any) -> jax.Array:
     """The values a buffer holds, `[..., D]`."""
+
+  @abc.abstractmethod
+  def kernel_operand(self, buf: Any) -> Any:
+    """What a decode kernel (`kvjax.pallas_kernels`) reads for the buffer: values `[..., D]`
+    in `dtype`, or a `QuantizedKV` of codes and scales; either keeps the leading axes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,4 +57,7 @@ class PlainStorage(Storage):
     return buf.at[index].set(values.astype(buf.dtype), mode="drop")
 
   def read(self, buf: jax.Array) -> jax.Array:
+    return buf
+
+  def kernel_operand(self, buf: jax.Array) -> jax.Array:
     return buf

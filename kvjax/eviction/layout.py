@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.compact import CompactLayout, compact_layout
-from kvjax.cache.dense import DenseLayout, dense_attend, dense_layout
+from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
 from kvjax.eviction.policies import (ATTENTION_POLICIES, attention_probs, keep_counts, keep_top,
                                      key_scores, observed_attention)
@@ -40,11 +40,10 @@ class EvictionLayout(Layout):
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, EvictionLayout]:
     """Dense attention; the queries' attention to every key is added to its score, averaged
     over the layers that read this buffer."""
-    read = self.dense.storage.read
-    k_BxSxKxD = read(self.dense.k)
-    out = dense_attend(q_BxTxHxD, k_BxSxKxD, read(self.dense.v), chunk.positions, self.dense.impl)
+    out = self.dense.attend(q_BxTxHxD, chunk)[0]
     if self.policy not in ATTENTION_POLICIES:
       return out, self
+    k_BxSxKxD = self.dense.storage.read(self.dense.k)
     b, s = k_BxSxKxD.shape[:2]
     slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     probs_BxKxTxS = attention_probs(q_BxTxHxD, k_BxSxKxD, chunk.positions, slots_BxS)

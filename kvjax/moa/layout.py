@@ -123,11 +123,13 @@ class MoARing(Layout):
                                     _num_local(self.sizes, self.sink, self.block),
                                     block=self.block, sink=self.sink), self
     g = q_BxTxHxD.shape[2] // len(self.heads.sizes)
-    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     uniform = all(s == self.heads.sizes[h // g] for h, s in enumerate(self.sizes))
     if self.impl == "pallas" and uniform:  # every query head reads all of its KV head's slots
       num_tokens_BxK = jnp.minimum(chunk.positions[:, :1] + 1, jnp.asarray(self.heads.sizes))
-      return self.heads.decode(q_BxTxHxD, k_BxNxD, v_BxNxD, num_tokens_BxK, self.block), self
+      operand = self.storage.kernel_operand
+      return self.heads.decode(q_BxTxHxD, operand(self.k), operand(self.v), num_tokens_BxK,
+                               self.block), self
+    k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
     return self._attend_jnp(q_BxTxHxD, k_BxNxD, v_BxNxD, chunk.positions, g), self
 
   def _attend_jnp(self, q_BxTxHxD: jax.Array, k_BxNxD: jax.Array, v_BxNxD: jax.Array,

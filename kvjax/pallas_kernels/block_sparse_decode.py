@@ -25,11 +25,14 @@ On TPU the tables are scalar-prefetched into SMEM: keep `B*K*M` int32s well unde
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kvjax.pallas_kernels.blocked_decode import blocked_decode
 from kvjax.pallas_kernels.eligibility import TABLE_BLOCK
+from kvjax.pallas_kernels.quantized import QuantizedKV, kv_map
 
 
 def range_tables(first_block_BxK: jax.Array, max_blocks: int) -> jax.Array:
@@ -37,26 +40,30 @@ def range_tables(first_block_BxK: jax.Array, max_blocks: int) -> jax.Array:
   return first_block_BxK[..., None] + jnp.arange(max_blocks, dtype=jnp.int32)
 
 
-def flat_rows(x: jax.Array) -> jax.Array:
+def flat_rows(x: jax.Array | QuantizedKV) -> jax.Array | QuantizedKV:
   """`[B, N, D]` or `[B, N, K, D]` -> the `[B, N, W]` view the kernels read (no copy)."""
-  return x if x.ndim == 3 else x.reshape(*x.shape[:2], -1)
+  return x if len(x.shape) == 3 else kv_map(lambda a: a.reshape(*a.shape[:2], -1), x)
 
 
-def block_sparse_decode(q_BxHxD: jax.Array, k: jax.Array, v: jax.Array,
+def block_sparse_decode(q_BxHxD: jax.Array, k: jax.Array | QuantizedKV,
+                        v: jax.Array | QuantizedKV,
                         block_tables_BxKxM: jax.Array, num_tokens_BxK: jax.Array, *,
                         block_size: int = TABLE_BLOCK, num_splits: int | None = None,
                         backend: str | None = None, interpret=None) -> jax.Array:
   """One query per sequence over each KV head's listed blocks; returns `[B, H, D]`.
 
+  k, v: values, or `QuantizedKV` codes and scales that the kernel dequantizes into q's dtype.
   Keyword options as in `blocked_decode`.
   """
-  if k.ndim not in (3, 4):
+  if len(k.shape) not in (3, 4):
     raise ValueError(f"k/v must be [B, N, D] or [B, N, K, D], got shape {k.shape}")
   if block_tables_BxKxM.shape[:2] != num_tokens_BxK.shape:
     raise ValueError(f"block_tables {block_tables_BxKxM.shape} and num_tokens "
                      f"{num_tokens_BxK.shape} must agree on [B, K]")
   capacity = block_tables_BxKxM.shape[2] * block_size
-  return blocked_decode(q_BxHxD, flat_rows(k)[None], flat_rows(v)[None], 0,
+  leading = functools.partial(kv_map, lambda a: a[None])
+  return blocked_decode(q_BxHxD, leading(flat_rows(k)), leading(flat_rows(v)), 0,
                         jnp.minimum(num_tokens_BxK, capacity), block_tables_BxKxM,
-                        layout="flat" if k.ndim == 3 else "dense_blocks", block_size=block_size,
+                        layout="flat" if len(k.shape) == 3 else "dense_blocks",
+                        block_size=block_size,
                         num_splits=num_splits, backend=backend, interpret=interpret)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from kvjax.pallas_kernels.block_sparse_decode import block_sparse_decode
 from kvjax.pallas_kernels.eligibility import TABLE_BLOCK
+from kvjax.pallas_kernels.quantized import QuantizedKV
 from kvjax.pallas_kernels.shared_kv_decode import shared_kv_decode
 
 
@@ -44,18 +45,31 @@ def _read_stack(q, k, v, lengths, index, **options):
   return shared_kv_decode(q, k, v, lengths, stack_index=index, **options)
 
 
-def abstract_call(case: LayoutCase, dtype, backend: str, batch: int = 2, sharding=None):
-  """`(fn, args)`: the case's kernel call on `ShapeDtypeStruct`s, to lower or compile."""
+def abstract_call(case: LayoutCase, dtype, backend: str, batch: int = 2, sharding=None,
+                  quant: tuple[str, int] | None = None):
+  """`(fn, args)`: the case's kernel call on `ShapeDtypeStruct`s, to lower or compile.
+
+  quant: `(mode, values per scale)` for a quantized cache (its values in `dtype`).
+  """
   sds = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
   layout, h, k, d, rows, block = case
+
+  def kv(*shape):
+    if quant is None:
+      return sds(shape, dtype)
+    mode, group = quant
+    codes = sds((*shape[:-1], d // 2 if mode == "int4" else d),
+                jnp.float8_e4m3fn if mode == "fp8" else jnp.int8)
+    return QuantizedKV(codes, sds((*shape[:-1], d // (group or d)), jnp.bfloat16), mode)
+
   q = sds((batch, h, d), dtype)
   if layout == "flat":
     fn = functools.partial(block_sparse_decode, block_size=block, backend=backend,
                            interpret=False)
-    return fn, (q, sds((batch, rows, d), dtype), sds((batch, rows, d), dtype),
+    return fn, (q, kv(batch, rows, d), kv(batch, rows, d),
                 sds((batch, k, rows // k // block), jnp.int32), sds((batch, k), jnp.int32))
   lead = (3,) if layout == "stacked" else ()
   fn = functools.partial(_read_stack if lead else shared_kv_decode, backend=backend,
                          interpret=False)
-  kv = sds((*lead, batch, rows, k, d), dtype)
-  return fn, (q, kv, kv, sds((batch,), jnp.int32), *[sds((), jnp.int32)] * bool(lead))
+  return fn, (q, kv(*lead, batch, rows, k, d), kv(*lead, batch, rows, k, d),
+              sds((batch,), jnp.int32), *[sds((), jnp.int32)] * bool(lead))

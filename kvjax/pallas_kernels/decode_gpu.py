@@ -13,6 +13,10 @@ FMAs, so padding a 1-8 row group to 16 would do up to 16x redundant work for the
 result. (bf16x3 on tensor cores would be cheaper per row but less exact than the float32
 reference; at these groups the kernel is bound by memory, not FMAs.) Half-precision caches keep
 tensor-core dots, where the padded rows are free.
+
+Quantized K/V: each block's codes and scales are loaded together (masked alike) and dequantized
+in registers into the query's dtype; int4's two nibble halves are two column parts, each padded
+like a head and met by its half of the query, so the output comes back as two halves.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kvjax.pallas_kernels.quantized import (QuantizedKV, code_parts, dequantize_tile,
+                                            scale_index)
 from kvjax.pallas_kernels.split_k import (combine_splits, init_partial, num_blocks_of,
                                           online_softmax_step, split_range)
 
@@ -47,70 +53,104 @@ def gpu_num_splits(batch: int, num_kv_heads: int, max_blocks: int, target_progra
 
 
 def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, num_splits: int, head_dim: int,
-            row_groups: int, per_head_columns: bool, has_table: bool, fma: bool, scale: float):
-  table_ref, (q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref) = (
-      (refs[0], refs[1:]) if has_table else (None, refs))
+            groups: int, group: int, mode: str | None, row_groups: int, per_head_columns: bool,
+            has_table: bool, fma: bool, scale: float):
+  """head_dim: code columns of a head (D, or D/2 for int4); groups: its scale columns (0 for a
+  float cache), each for `group` values."""
+  table_ref, refs = (refs[0], refs[1:]) if has_table else (None, refs)
+  q_ref, kv_refs, (acc_ref, m_ref, l_ref) = refs[0], refs[1:-3], refs[-3:]
+  k_refs, v_refs = kv_refs[:len(kv_refs) // 2], kv_refs[len(kv_refs) // 2:]
   b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_tokens = num_tokens_ref[b, h]
   start, stop = split_range(num_blocks_of(num_tokens, block_size), split, num_splits)
   layer = layer_ref[0]
-  rows, dp = q_ref.shape
-  cols = pl.ds(h * head_dim if per_head_columns else 0, dp)
-  real_cols_1xDp = None if dp == head_dim else (jnp.arange(dp) < head_dim)[None, :]
+  rows, width = q_ref.shape
+  parts = 2 if mode == "int4" else 1
+  dp = width // parts
   slots_S = jnp.arange(block_size, dtype=jnp.int32)
 
-  def load(ref, i):
+  def load(ref, i, real: int, padded: int):
+    """Block i's `[block_size, padded]` columns of this head, zero past its `real` columns and
+    past the valid tokens."""
     row = (i if table_ref is None else table_ref[b, h, i]) * block_size
-    mask_SxDp = (i * block_size + slots_S < num_tokens)[:, None]
-    if real_cols_1xDp is not None:
-      mask_SxDp = mask_SxDp & real_cols_1xDp
-    return plgpu.load(ref.at[layer, b, pl.ds(row, block_size), cols], mask=mask_SxDp, other=0)
+    cols = pl.ds(h * real if per_head_columns else 0, padded)
+    mask_SxW = (i * block_size + slots_S < num_tokens)[:, None]
+    if padded != real:
+      mask_SxW = mask_SxW & (jnp.arange(padded) < real)[None, :]
+    return plgpu.load(ref.at[layer, b, pl.ds(row, block_size), cols], mask=mask_SxW,
+                      other=jnp.zeros((), ref.dtype))  # typed: Triton casts no int to fp8
+
+  index = [scale_index(dp, head_dim, p, group, groups) for p in range(parts)] if mode else None
+
+  def read(refs, i):
+    """Block i of K or V as its column parts, dequantized from codes and scales."""
+    if mode is None:
+      return (load(refs[0], i, head_dim, dp),)
+    codes_ref, scales_ref = refs
+    scales = load(scales_ref, i, groups, pow2_at_least(groups))
+    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype, by_dot=False)
+                 for p, c_SxW in enumerate(code_parts(load(codes_ref, i, head_dim, dp), mode)))
 
   per = rows // row_groups
-  qs = [q_ref[pl.ds(r * per, per), :] for r in range(row_groups)]
+  column_parts = [pl.ds(p * dp, dp) for p in range(parts)]
+  qs = [tuple(q_ref[pl.ds(r * per, per), c] for c in column_parts) for r in range(row_groups)]
 
   def body(i, carry):
-    k_SxDp, v_SxDp = load(k_ref, i), load(v_ref, i)
-    return tuple(online_softmax_step(q, k_SxDp, v_SxDp, i * block_size, num_tokens, *part,
+    k_parts, v_parts = read(k_refs, i), read(v_refs, i)
+    return tuple(online_softmax_step(q, k_parts, v_parts, i * block_size, num_tokens, *part,
                                      scale=scale, fma=fma) for q, part in zip(qs, carry))
 
-  parts = jax.lax.fori_loop(start, stop, body, tuple(init_partial(per, dp) for _ in qs))
-  for r, (m, l, acc) in enumerate(parts):
-    acc_ref[pl.ds(r * per, per), :] = acc
+  parts_init = tuple(init_partial(per, dp, parts) for _ in qs)
+  results = jax.lax.fori_loop(start, stop, body, parts_init)
+  for r, (m, l, accs) in enumerate(results):
+    for c, acc in zip(column_parts, accs):
+      acc_ref[pl.ds(r * per, per), c] = acc
     m_ref[pl.ds(r * per, per), :] = m
     l_ref[pl.ds(r * per, per), :] = l
 
 
-def decode_gpu(q_BxKxGxD, k_LxBxNxW, v_LxBxNxW, layer_1, num_tokens_BxK, table_BxKxM, *,
-               block_size: int, num_splits: int | None, interpret, num_warps: int = 4,
+def decode_gpu(q_BxKxGxD, k, v, layer_1, num_tokens_BxK, table_BxKxM, *, block_size: int,
+               num_splits: int | None, interpret, num_warps: int = 4,
                num_stages: int = 2) -> jax.Array:
-  """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout."""
-  b, k, g, d = q_BxKxGxD.shape
-  max_blocks = (-(-k_LxBxNxW.shape[2] // block_size) if table_BxKxM is None
-                else table_BxKxM.shape[2])
-  num_splits = num_splits or gpu_num_splits(b, k, max_blocks)
-  fma = uses_fma(g, k_LxBxNxW.dtype)
-  rows, dp = (g, pow2_at_least(d)) if fma else (pow2_at_least(g, MIN_DOT_DIM),
-                                                pow2_at_least(d, MIN_DOT_DIM))
-  q_BxKxRxDp = jnp.pad(q_BxKxGxD, ((0, 0), (0, 0), (0, rows - g), (0, dp - d)))
+  """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout. K/V are
+  `[L, B, N, W]` values in q's dtype or `QuantizedKV` (dequantized into q's dtype)."""
+  b, kh, g, d = q_BxKxGxD.shape
+  quant = isinstance(k, QuantizedKV)
+  operands = (k.codes, k.scales, v.codes, v.scales) if quant else (k, v)
+  n, columns = operands[0].shape[2:]
+  parts = k.parts if quant else 1
+  dc = d // parts
+  per_head_columns = columns != dc
+  groups = operands[1].shape[3] // (kh if per_head_columns else 1) if quant else 0
+  max_blocks = -(-n // block_size) if table_BxKxM is None else table_BxKxM.shape[2]
+  num_splits = num_splits or gpu_num_splits(b, kh, max_blocks)
+  fma = uses_fma(g, q_BxKxGxD.dtype)
+  rows, dp = (g, pow2_at_least(dc)) if fma else (pow2_at_least(g, MIN_DOT_DIM),
+                                                 pow2_at_least(dc, MIN_DOT_DIM))
+  q_BxKxRxW = jnp.pad(q_BxKxGxD.reshape(b, kh, g, parts, dc),  # each part padded to dp
+                      ((0, 0), (0, 0), (0, rows - g), (0, 0), (0, dp - dc))).reshape(
+                          b, kh, rows, parts * dp)
   tables = () if table_BxKxM is None else (table_BxKxM,)
   kernel = functools.partial(
-      _kernel, block_size=block_size, num_splits=num_splits, head_dim=d,
-      row_groups=rows if fma else 1, per_head_columns=k_LxBxNxW.shape[3] != d,
-      has_table=bool(tables), fma=fma, scale=d ** -0.5)
+      _kernel, block_size=block_size, num_splits=num_splits, head_dim=dc, groups=groups,
+      group=d // groups if quant else 0, mode=k.mode if quant else None,
+      row_groups=rows if fma else 1, per_head_columns=per_head_columns, has_table=bool(tables),
+      fma=fma, scale=d ** -0.5)
   part_spec = lambda last: pl.BlockSpec((None, None, None, rows, last),
                                         lambda i, h, s: (i, h, s, 0, 0))
-  part_shape = lambda last: jax.ShapeDtypeStruct((b, k, num_splits, rows, last), jnp.float32)
+  part_shape = lambda last: jax.ShapeDtypeStruct((b, kh, num_splits, rows, last), jnp.float32)
+  width = parts * dp
   acc, m, l = pl.pallas_call(
       kernel,
-      grid=(b, k, num_splits),
+      grid=(b, kh, num_splits),
       in_specs=[pl.no_block_spec] * (2 + len(tables)) + [
-          pl.BlockSpec((None, None, rows, dp), lambda i, h, s: (i, h, 0, 0)),
-          pl.no_block_spec, pl.no_block_spec],
-      out_specs=[part_spec(dp), part_spec(1), part_spec(1)],
-      out_shape=[part_shape(dp), part_shape(1), part_shape(1)],
+          pl.BlockSpec((None, None, rows, width), lambda i, h, s: (i, h, 0, 0)),
+          *[pl.no_block_spec] * len(operands)],
+      out_specs=[part_spec(width), part_spec(1), part_spec(1)],
+      out_shape=[part_shape(width), part_shape(1), part_shape(1)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="blocked_decode",
-  )(layer_1, num_tokens_BxK, *tables, q_BxKxRxDp, k_LxBxNxW, v_LxBxNxW)
-  return combine_splits(acc, m, l)[:, :, :g, :d]
+  )(layer_1, num_tokens_BxK, *tables, q_BxKxRxW, *operands)
+  out_BxKxGxW = combine_splits(acc, m, l)[:, :, :g]
+  return out_BxKxGxW.reshape(b, kh, g, parts, dp)[..., :dc].reshape(b, kh, g, d)

@@ -21,6 +21,11 @@ Tiling, for any head_dim and KV head count under Mosaic's (8, 128) rule:
   pipeline does for edge blocks.
 - Splits of the sequence only help to occupy a second TensorCore (megacore), so a program
   normally walks its whole sequence.
+- Quantized K/V: codes and scales are DMA'd side by side, each into its own double buffer, and
+  dequantized in float32 per chunk (codes widened to int32, int4 nibbles split by shifts, a
+  chunk capped so one dequantized part fits `DEQUANT_TILE_BYTES`). A tile's columns must be
+  lane-aligned in both buffers, so a dense cache with one scale per head is read as whole rows;
+  a partial last block is rounded up to 32 rows, the row tile of 1-byte codes.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kvjax.pallas_kernels.quantized import (QuantizedKV, code_parts, dequantize_tile,
+                                            scale_index)
 from kvjax.pallas_kernels.split_k import (combine_splits, init_partial, num_blocks_of,
                                           online_softmax_step, split_range)
 
@@ -39,13 +46,15 @@ LANES = 128
 DENSE_BLOCK_ROWS = 512  # rows per DMA in a dense buffer (large copies; the tail is rounded up)
 MAX_CHUNK_ROWS = 1024  # rows per chunk: per-step overhead amortised over >= 0.25 MiB of K/V
 KV_VMEM_BUDGET = 8 * 2**20  # bytes for the K and V double buffers
+DEQUANT_TILE_BYTES = 2**20  # a chunk of dequantized float32 values (one part of K or V)
 
 
-def heads_per_tile(num_kv_heads: int, head_dim: int) -> int:
-  """KV heads one program reads from a `[.., K*D]` row: the fewest whose width is a multiple
-  of 128 lanes, or all of them (the full row, which Mosaic accepts at any width)."""
-  return next((n for n in range(1, num_kv_heads + 1)
-               if num_kv_heads % n == 0 and n * head_dim % LANES == 0), num_kv_heads)
+def heads_per_tile(num_kv_heads: int, *head_widths: int) -> int:
+  """KV heads one program reads from a `[.., K*D]` row (and from each other buffer whose heads
+  are `head_widths` columns wide: codes, scales): the fewest whose widths are all multiples of
+  128 lanes, or all of them (the full rows, which Mosaic accepts at any width)."""
+  return next((n for n in range(1, num_kv_heads + 1) if num_kv_heads % n == 0
+               and all(n * w % LANES == 0 for w in head_widths)), num_kv_heads)
 
 
 def row_tile(rows: int, dtype) -> int:
@@ -99,10 +108,15 @@ def diagonal_blocks(out_BxXxQxW: jax.Array, per_tile: int, group: int) -> jax.Ar
 
 def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk: int,
             num_splits: int, num_blocks_total: int, tail_rows: int, table_width: int,
-            tiled_columns: bool, scale: float):
+            tiled_columns: tuple[bool, ...], mode: str | None, head_dim: int, group: int,
+            groups: int, scale: float):
+  """The HBM operands are K then V, each its values or its codes and scales; head_dim: code
+  columns of a head (D, or D/2 for int4); groups: its scale columns, each for `group` values."""
   table_ref = refs[0] if table_width else None
-  (q_ref, k_hbm, v_hbm, acc_ref, m_ref, l_ref, k_buf, v_buf, k_sems,
-   v_sems) = refs[bool(table_width):]
+  refs = refs[bool(table_width):]
+  n = len(tiled_columns)
+  q_ref, hbms, (acc_ref, m_ref, l_ref) = refs[0], refs[1:1 + n], refs[1 + n:4 + n]
+  bufs, sems = refs[4 + n:4 + 2 * n], refs[4 + 2 * n:]
   b, t, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bt = b * pl.num_programs(1) + t
   num_tokens = num_tokens_ref[bt]
@@ -111,8 +125,8 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk:
   bps = blocks_per_chunk
   num_chunks = jax.lax.div(stop - start + bps - 1, bps)
   layer = layer_ref[0]
-  width = k_buf.shape[-1]
-  cols = pl.ds(pl.multiple_of(t * width, LANES) if tiled_columns else 0, width)
+  cols = [pl.ds(pl.multiple_of(t * buf.shape[-1], LANES) if tiled else 0, buf.shape[-1])
+          for buf, tiled in zip(bufs, tiled_columns)]
   last = num_blocks_total - 1
   sizes = ([(block_size, None)] if tail_rows == block_size else
            [(block_size, lambda j: j != last), (tail_rows, lambda j: j == last)])
@@ -128,16 +142,27 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk:
         def _(i=i, j=j, rows=rows):
           block = table_ref[bt * table_width + j] if table_ref is not None else j
           first = pl.multiple_of(block * block_size, block_size & -block_size)
-          for hbm, buf, sems in ((k_hbm, k_buf, k_sems), (v_hbm, v_buf, v_sems)):
-            copy = pltpu.make_async_copy(hbm.at[layer, b, pl.ds(first, rows), cols],
-                                         buf.at[slot, i, pl.ds(0, rows)], sems.at[slot])
+          for hbm, buf, sem, col in zip(hbms, bufs, sems, cols):
+            copy = pltpu.make_async_copy(hbm.at[layer, b, pl.ds(first, rows), col],
+                                         buf.at[slot, i, pl.ds(0, rows)], sem.at[slot])
             getattr(copy, action)()
 
   @pl.when(num_chunks > 0)
   def _():
     chunk_copies(0, 0, "start")
 
-  q = q_ref[...]
+  parts = acc_ref.shape[0]
+  qs = tuple(q_ref[p] for p in range(parts))
+  width = bufs[0].shape[-1]
+  index = [scale_index(width, head_dim, p, group, groups) for p in range(parts)] if mode else None
+
+  def read(tiles):
+    """A chunk of K or V as its column parts, dequantized from codes and scales."""
+    if mode is None:
+      return tiles
+    codes_SxW, scales = tiles
+    return tuple(dequantize_tile(c_SxW, scales, index[p], q_ref.dtype, by_dot=True)
+                 for p, c_SxW in enumerate(code_parts(codes_SxW, mode)))
 
   def body(c, carry):
     slot = jax.lax.rem(c, 2)
@@ -147,68 +172,89 @@ def _kernel(layer_ref, num_tokens_ref, *refs, block_size: int, blocks_per_chunk:
       chunk_copies(c + 1, 1 - slot, "start")
 
     chunk_copies(c, slot, "wait")
-    k_SxW = k_buf[slot].reshape(bps * block_size, width)
-    v_SxW = v_buf[slot].reshape(bps * block_size, width)
-    return online_softmax_step(q, k_SxW, v_SxW, (start + c * bps) * block_size, end, *carry,
-                               scale=scale)
+    tiles = [buf[slot].reshape(bps * block_size, buf.shape[-1]) for buf in bufs]
+    return online_softmax_step(qs, read(tiles[:n // 2]), read(tiles[n // 2:]),
+                               (start + c * bps) * block_size, end, *carry, scale=scale)
 
-  m, l, acc = jax.lax.fori_loop(0, num_chunks, body, init_partial(*q.shape))
-  acc_ref[...] = acc
+  m, l, accs = jax.lax.fori_loop(0, num_chunks, body, init_partial(*qs[0].shape, parts))
+  for p, acc in enumerate(accs):
+    acc_ref[p] = acc
   m_ref[...] = m
   l_ref[...] = l
 
 
-def decode_tpu(q_BxKxGxD, k_LxBxNxC, v_LxBxNxC, layer_1, num_tokens_BxK, table_BxKxM, *,
+def decode_tpu(q_BxKxGxD, k, v, layer_1, num_tokens_BxK, table_BxKxM, *,
                block_size: int | None, num_splits: int | None, interpret,
                blocks_per_chunk: int | None = None) -> jax.Array:
-  """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout.
+  """Normalised float32 `[B, K, G, D]`; see `blocked_decode` for the layout. K/V are
+  `[L, B, N, C]` values in q's dtype or `QuantizedKV` (dequantized into q's dtype).
 
   block_size: rows per table entry; for a dense buffer (no table) the DMA block, by default
     up to `DENSE_BLOCK_ROWS`.
   """
-  b, k, g, d = q_BxKxGxD.shape
-  n, c = k_LxBxNxC.shape[2:]
-  dtype = k_LxBxNxC.dtype
-  per_tile = heads_per_tile(k, d) if c != d else 1
-  tiles, width = k // per_tile, per_tile * d if c != d else d
+  b, kh, g, d = q_BxKxGxD.shape
+  dtype = q_BxKxGxD.dtype
+  quant = isinstance(k, QuantizedKV)
+  operands = (k.codes, k.scales, v.codes, v.scales) if quant else (k, v)
+  n, c = operands[0].shape[2:]
+  parts = k.parts if quant else 1
+  dc = d // parts
+  flat = c == dc  # heads own rows, not columns: one head per tile
+  head_widths = [x.shape[3] // (1 if flat else kh) for x in operands[:len(operands) // 2]]
+  per_tile = 1 if flat else heads_per_tile(kh, *head_widths)
+  tiles = kh // per_tile
+  widths = [per_tile * w for w in head_widths] * 2
+  # DMA windows end on every buffer's row tile; 1-byte codes pack 4 rows a sublane: 32 rows
+  tile = max(sublane_rows(x.dtype) if quant else row_tile(n, x.dtype) for x in operands)
   if table_BxKxM is None:
-    block_size = block_size or min(DENSE_BLOCK_ROWS, round_up(n, row_tile(n, dtype)))
+    block_size = block_size or min(DENSE_BLOCK_ROWS, round_up(n, tile))
     max_blocks = -(-n // block_size)
-    tail_rows = round_up(n - (max_blocks - 1) * block_size, row_tile(n, dtype))
+    tail_rows = round_up(n - (max_blocks - 1) * block_size, tile)
   else:
     max_blocks, tail_rows = table_BxKxM.shape[2], block_size
-  chunk_rows = min(MAX_CHUNK_ROWS, KV_VMEM_BUDGET // (4 * round_up(width, LANES) *
-                                                      dtype.itemsize))
+  row_bytes = sum(round_up(w, LANES) * x.dtype.itemsize for w, x in zip(widths, operands))
+  chunk_rows = min(MAX_CHUNK_ROWS, KV_VMEM_BUDGET // (2 * row_bytes))
+  if quant:  # a chunk's dequantized float32 part and its spread scales live in VMEM
+    chunk_rows = min(chunk_rows, DEQUANT_TILE_BYTES // (4 * round_up(widths[0], LANES)))
   bps = blocks_per_chunk or max(1, min(chunk_rows // block_size, max_blocks))
   num_splits = num_splits or tpu_num_splits(b, tiles, max_blocks)
   rows = round_up(per_tile * g, sublane_rows(dtype))
   prefetch = [layer_1, num_tokens_BxK[:, ::per_tile].reshape(-1)]
   if table_BxKxM is not None:
     prefetch.append(table_BxKxM[:, ::per_tile].reshape(-1))
+  groups = operands[1].shape[3] // (1 if flat else kh) if quant else 0
   kernel = functools.partial(
       _kernel, block_size=block_size, blocks_per_chunk=bps, num_splits=num_splits,
       num_blocks_total=max_blocks, tail_rows=tail_rows,
       table_width=0 if table_BxKxM is None else table_BxKxM.shape[2],
-      tiled_columns=width != c, scale=d ** -0.5)
-  part_spec = lambda last: pl.BlockSpec((None, None, None, rows, last),
-                                        lambda i, t, s, *_: (i, t, s, 0, 0))
-  part_shape = lambda last: jax.ShapeDtypeStruct((b, tiles, num_splits, rows, last),
-                                                 jnp.float32)
-  kv_buf = pltpu.VMEM((2, bps, block_size, width), dtype)
+      tiled_columns=tuple(w != x.shape[3] for w, x in zip(widths, operands)),
+      mode=k.mode if quant else None, head_dim=dc, group=d // groups if quant else 0,
+      groups=groups, scale=d ** -0.5)
+  wc = per_tile * dc
+  acc_spec = pl.BlockSpec((None, None, None, parts, rows, wc),
+                          lambda i, t, s, *_: (i, t, s, 0, 0, 0))
+  part_spec = pl.BlockSpec((None, None, None, rows, 1), lambda i, t, s, *_: (i, t, s, 0, 0))
+  part_shape = jax.ShapeDtypeStruct((b, tiles, num_splits, rows, 1), jnp.float32)
+  q_parts = jnp.stack([block_diagonal(q, per_tile, rows)
+                       for q in jnp.split(q_BxKxGxD, parts, axis=-1)], axis=2)
   acc, m, l = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(prefetch),
           grid=(b, tiles, num_splits),
-          in_specs=[pl.BlockSpec((None, None, rows, width), lambda i, t, s, *_: (i, t, 0, 0)),
-                    pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
-          out_specs=[part_spec(width), part_spec(1), part_spec(1)],
-          scratch_shapes=[kv_buf, kv_buf, pltpu.SemaphoreType.DMA((2,)),
-                          pltpu.SemaphoreType.DMA((2,))]),
-      out_shape=[part_shape(width), part_shape(1), part_shape(1)],
+          in_specs=[pl.BlockSpec((None, None, parts, rows, wc),
+                                 lambda i, t, s, *_: (i, t, 0, 0, 0)),
+                    *[pl.BlockSpec(memory_space=pl.ANY)] * len(operands)],
+          out_specs=[acc_spec, part_spec, part_spec],
+          scratch_shapes=[*[pltpu.VMEM((2, bps, block_size, w), x.dtype)
+                            for w, x in zip(widths, operands)],
+                          *[pltpu.SemaphoreType.DMA((2,))] * len(operands)]),
+      out_shape=[jax.ShapeDtypeStruct((b, tiles, num_splits, parts, rows, wc), jnp.float32),
+                 part_shape, part_shape],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel")),
       interpret=interpret,
       name="blocked_decode",
-  )(*prefetch, block_diagonal(q_BxKxGxD, per_tile, rows), k_LxBxNxC, v_LxBxNxC)
-  return diagonal_blocks(combine_splits(acc, m, l), per_tile, g)
+  )(*prefetch, q_parts, *operands)
+  return jnp.concatenate([diagonal_blocks(combine_splits(acc[:, :, :, p], m, l), per_tile, g)
+                          for p in range(parts)], axis=-1)

@@ -10,28 +10,33 @@ mode.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from kvjax.pallas_kernels.blocked_decode import blocked_decode
+from kvjax.pallas_kernels.quantized import QuantizedKV, kv_map
 
 
-def shared_kv_decode(q_BxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array,
+def shared_kv_decode(q_BxHxD: jax.Array, k_BxSxKxD: jax.Array | QuantizedKV,
+                     v_BxSxKxD: jax.Array | QuantizedKV,
                      lengths_B: jax.Array, *, stack_index: jax.Array | int | None = None,
                      block_size: int | None = None, num_splits: int | None = None,
                      backend: str | None = None, interpret=None) -> jax.Array:
   """One query per sequence over cache slots `< lengths[b]`; returns `[B, H, D]`.
 
+  k, v: values, or `QuantizedKV` codes and scales that the kernel dequantizes into q's dtype.
   stack_index: with `[G, B, S, K, D]` buffers, the layer to read (an int32 scalar).
   Keyword options as in `blocked_decode`; `eligibility(platform, "dense" or "stacked", ...)`
   says where the kernel applies.
   """
   stacked = stack_index is not None
-  if k_BxSxKxD.ndim != 4 + stacked:
+  if len(k_BxSxKxD.shape) != 4 + stacked:
     want = "[G, B, S, K, D] with stack_index" if stacked else "[B, S, K, D]"
     raise ValueError(f"K/V must be {want}, got shape {k_BxSxKxD.shape}")
-  *lead, s, k, d = k_BxSxKxD.shape
-  view = lambda x: x.reshape(*([1] * (not stacked)), *lead, s, k * d)
+  *lead, s, k, _ = k_BxSxKxD.shape
+  view = functools.partial(kv_map, lambda x: x.reshape(*([1] * (not stacked)), *lead, s, -1))
   num_tokens_BxK = jnp.broadcast_to(jnp.minimum(lengths_B, s)[:, None], (lead[-1], k))
   return blocked_decode(q_BxHxD, view(k_BxSxKxD), view(v_BxSxKxD),
                         stack_index if stacked else 0, num_tokens_BxK, None,

@@ -8,6 +8,9 @@ with no valid key anywhere comes out as zeros, like `dot_product_attention`.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 
@@ -43,31 +46,39 @@ def _dot(a, b, contract_b: int, fma: bool):
                              preferred_element_type=jnp.float32)
 
 
-def online_softmax_step(q_QxW, k_SxW, v_SxW, first_pos, end, m_Qx1, l_Qx1, acc_QxW, *,
+def online_softmax_step(q_parts, k_parts, v_parts, first_pos, end, m_Qx1, l_Qx1, acc_parts, *,
                         scale: float, fma: bool = False):
   """Folds S keys, the list's positions `first_pos .. first_pos+S-1`, into the partial.
 
+  Rows are read as column parts (`q_QxW`, `k_SxW`, `v_SxW` and `acc_QxW` each): one, or int4
+  codes' two halves, whose products add up to the logits and whose P @ V products are the
+  halves of the output.
   Positions `>= end` are masked and their V rows zeroed, so whatever the buffer holds there
   (stale or uninitialised memory, NaN included) cannot leak into the result.
   """
-  s = k_SxW.shape[0]
+  s = k_parts[0].shape[0]
   valid_1xS = first_pos + jax.lax.broadcasted_iota(jnp.int32, (1, s), 1) < end
   valid_Sx1 = first_pos + jax.lax.broadcasted_iota(jnp.int32, (s, 1), 0) < end
-  logits_QxS = jnp.where(valid_1xS, _dot(q_QxW, k_SxW, 1, fma) * scale, NEG_INF)
+  scores_QxS = functools.reduce(operator.add, (_dot(q_QxW, k_SxW, 1, fma)
+                                                for q_QxW, k_SxW in zip(q_parts, k_parts)))
+  logits_QxS = jnp.where(valid_1xS, scores_QxS * scale, NEG_INF)
   m_new_Qx1 = jnp.maximum(m_Qx1, logits_QxS.max(axis=1, keepdims=True))
   alpha_Qx1 = jnp.exp(m_Qx1 - m_new_Qx1)
   p_QxS = jnp.where(valid_1xS, jnp.exp(logits_QxS - m_new_Qx1), 0.0)
   l_Qx1 = alpha_Qx1 * l_Qx1 + p_QxS.sum(axis=1, keepdims=True)
-  # The select runs in float32: some TPU generations have no bf16 vector unit.
-  v_SxW = jnp.where(valid_Sx1, v_SxW.astype(jnp.float32), 0.0).astype(v_SxW.dtype)
-  pv_QxW = _dot(p_QxS if fma else p_QxS.astype(v_SxW.dtype), v_SxW, 0, fma)
-  return m_new_Qx1, l_Qx1, alpha_Qx1 * acc_QxW + pv_QxW
+  accs = []
+  for v_SxW, acc_QxW in zip(v_parts, acc_parts):
+    # The select runs in float32: some TPU generations have no bf16 vector unit.
+    v_SxW = jnp.where(valid_Sx1, v_SxW.astype(jnp.float32), 0.0).astype(v_SxW.dtype)
+    pv_QxW = _dot(p_QxS if fma else p_QxS.astype(v_SxW.dtype), v_SxW, 0, fma)
+    accs.append(alpha_Qx1 * acc_QxW + pv_QxW)
+  return m_new_Qx1, l_Qx1, tuple(accs)
 
 
-def init_partial(rows: int, width: int):
-  """The empty partial: `(m, l, acc)` for no keys seen yet."""
+def init_partial(rows: int, width: int, parts: int = 1):
+  """The empty partial: `(m, l, acc parts)` for no keys seen yet."""
   return (jnp.full((rows, 1), NEG_INF, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, width), jnp.float32))
+          tuple(jnp.zeros((rows, width), jnp.float32) for _ in range(parts)))
 
 
 def combine_splits(acc_BxXxPxQxW, m_BxXxPxQx1, l_BxXxPxQx1) -> jax.Array:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.storage import Storage
+from kvjax.pallas_kernels.quantized import QuantizedKV
 
 QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
 SCALE_DTYPE = jnp.bfloat16
@@ -76,7 +77,8 @@ def dequantize(q: Quantized, mode: str, dtype=jnp.float32) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class QuantStorage(Storage):
-  """Entries as `Quantized` codes and scales; `read` dequantizes into `dtype`."""
+  """Entries as `Quantized` codes and scales; `read` dequantizes into `dtype`, a decode kernel
+  reads the codes and scales themselves."""
 
   mode: str  # int8 | fp8 | int4
   group: int = 0  # values per scale; 0: the whole head
@@ -95,3 +97,6 @@ class QuantStorage(Storage):
 
   def read(self, buf: Quantized) -> jax.Array:
     return dequantize(buf, self.mode, self.dtype)
+
+  def kernel_operand(self, buf: Quantized) -> QuantizedKV:
+    return QuantizedKV(buf.codes, buf.scales, self.mode)
