@@ -222,6 +222,57 @@ def test_compacted_attention_equals_dense_attention_under_the_keep_mask():
                              dot_product_attention(q, k, v, mask_BxKxTxS), atol=1e-6)
 
 
+def np_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, shown_BxKxTxS):
+  """Softmax attention over the shown keys in NumPy (float64): the reference for keep flags."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD))
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  shown_BxHxTxS = np.repeat(np.asarray(shown_BxKxTxS), g, axis=1)
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(shown_BxHxTxS, logits, -np.inf)
+  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", e / e.sum(axis=-1, keepdims=True), v)
+
+
+def flagged_case(t, seed=0):
+  """Random q, k, v (2 K/V heads of 2 query heads), the causal mask of the last `t` of 12
+  queries, and random 0/1 flags with each query's own key shown."""
+  b, s, d = 2, 12, 8
+  q, k, v = (jax.random.normal(jax.random.key(seed + i), (b, n, h, d))
+             for i, (n, h) in enumerate([(t, 4), (s, 2), (s, 2)]))
+  q_pos = jnp.broadcast_to(jnp.arange(s - t, s), (b, t))
+  causal_BxTxS = causal_mask(q_pos, jnp.broadcast_to(jnp.arange(s), (b, s)))
+  own_BxTxS = jnp.arange(s)[None, None] == q_pos[:, :, None]
+  flags = jax.random.bernoulli(jax.random.key(seed + 3), 0.4, (b, 2, t, s)) | own_BxTxS[:, None]
+  return q, k, v, causal_BxTxS, flags.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("t", [12, 1], ids=["prefill", "one_query"])
+def test_keep_flags_give_the_masked_softmax(t):
+  q, k, v, causal_BxTxS, flags = flagged_case(t)
+  out = dot_product_attention(q, k, v, causal_BxTxS, flags)
+  np.testing.assert_allclose(out, np_attention(q, k, v, causal_BxTxS[:, None] & (flags > 0.5)),
+                             atol=1e-5)
+
+
+def test_a_hidden_keys_flag_gets_what_showing_it_would_change():
+  # Per query: the change of `out . w` if that key alone were shown too, a difference of two
+  # masked softmaxes (bounded whatever mass the hidden keys held).
+  q, k, v, causal_BxTxS, flags = flagged_case(12, seed=5)
+  w = np.asarray(jax.random.normal(jax.random.key(9), q.shape), np.float64)
+  grad = jax.grad(lambda f: (dot_product_attention(q, k, v, causal_BxTxS, f) * w).sum())(flags)
+  shown = np.asarray(causal_BxTxS[:, None] & (flags > 0.5))
+  loss_BxT = lambda shown: (np_attention(q, k, v, shown) * w).sum(axis=(2, 3))
+  checked = 0
+  for bi, ki, ti, si in zip(*np.nonzero(np.asarray(causal_BxTxS[:, None]) & ~shown)):
+    more = shown.copy()
+    more[bi, ki, ti, si] = True
+    expected = loss_BxT(more)[bi, ti] - loss_BxT(shown)[bi, ti]
+    np.testing.assert_allclose(grad[bi, ki, ti, si], expected, atol=1e-4)
+    checked += 1
+  assert checked > 20
+
+
 def test_compacted_cache_pallas_decode_matches_xla():
   cfg, model, params = gated("model.attention_impl=pallas")
   tokens = random_tokens(1, 60, seed=11)

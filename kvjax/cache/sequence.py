@@ -13,11 +13,11 @@ from kvjax.layers.cache import Chunk, Layout
 from kvjax.layers.dot_product import causal_mask, dot_product_attention
 
 
-def visible_weights(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
-                    k_pos_BxS: jax.Array) -> jax.Array:
-  """`[B, K, T, S]` weights for `dot_product_attention`: key s counts for query t iff it is kept
-  or is the query's own token (a filter cannot hide a token from itself); keep's gradient passes
-  through."""
+def visible_flags(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
+                  k_pos_BxS: jax.Array) -> jax.Array:
+  """`[B, K, T, S]` keep flags for `dot_product_attention`: key s is shown to query t iff it is
+  kept or is the query's own token (a filter cannot hide a token from itself); keep's gradient
+  passes through."""
   self_BxTxS = k_pos_BxS[:, None, :] == q_pos_BxT[:, :, None]
   return jnp.where(self_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
 
@@ -31,9 +31,9 @@ class CausalLayout(Layout):
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CausalLayout]:
     pos_BxT = chunk.positions
-    weights = None if chunk.keep is None else visible_weights(chunk.keep, pos_BxT, pos_BxT)
+    keep = None if chunk.keep is None else visible_flags(chunk.keep, pos_BxT, pos_BxT)
     return dot_product_attention(q_BxTxHxD, chunk.k, chunk.v, causal_mask(pos_BxT, pos_BxT),
-                                 weights), self
+                                 keep), self
 
 
 @flax.struct.dataclass

@@ -3,7 +3,10 @@ whether later queries may see that token. It is the attention layer's K/V filter
 travel with the chunk, and the layout applies them (`kvjax.layers.cache`).
 
 Flags are hard (`sigmoid score > threshold`) in the forward pass, so training sees exactly the
-mask inference applies; the backward pass goes straight through to the sigmoid. The first
+mask inference applies; layouts apply them in logit space, and the backward pass goes straight
+through to the log of the sigmoid, so a flag's gradient is that of its key's attention logit
+(`kvjax.layers.dot_product`): bounded, where one through renormalised probabilities grows as
+the mass left on kept keys shrinks. The first
 `num_sinks` positions are always kept, and a query always sees its own token.
 """
 
@@ -95,9 +98,10 @@ class AttentionGate(nn.Module):
     # eviction loss moves all tokens' scores together (Adam's fastest way to meet the budget)
     # and overshoots into all-or-nothing; the LM loss's noise would stall the bias.
     sg = jax.lax.stop_gradient
-    hard_BxTxK = ((token_BxTxK + bias_K > _logit(g.threshold))
-                  | (positions_BxT < g.num_sinks)[..., None])
-    keep_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(token_BxTxK + sg(bias_K)))
+    sink_BxTx1 = (positions_BxT < g.num_sinks)[..., None]
+    hard_BxTxK = (token_BxTxK + bias_K > _logit(g.threshold)) | sink_BxTx1
+    keep_BxTxK = jnp.where(sink_BxTx1, 1.0, straight_through(
+        hard_BxTxK, jax.nn.log_sigmoid(token_BxTxK + sg(bias_K))))
     budget_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K))
     self.sow("metrics", "evict_ratio", 1.0 - hard_BxTxK.mean(axis=(0, 1)))
     self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
