@@ -7,7 +7,8 @@ mask inference applies; layouts apply them in logit space, and the backward pass
 through to the log of the sigmoid, so a flag's gradient is that of its key's attention logit
 (`kvjax.layers.dot_product`): bounded, where one through renormalised probabilities grows as
 the mass left on kept keys shrinks. The first
-`num_sinks` positions are always kept, and a query always sees its own token.
+`num_sinks` positions are always kept, and a query always sees its own token and the
+`recent_tokens` before it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class AttentionGate(nn.Module):
   layout of the gate's own K/V that a cache keeps for it, is written and read instead, so a
   prompt prefilled in chunks is gated as if whole.
   In a mutable `metrics` / `losses` apply, the layer reports its eviction ratio per K/V head and
-  its weighted eviction loss.
+  its weighted eviction loss; both count the sinks and the sequence's last `recent_tokens` as
+  kept, as the cache holds them once the sequence is in.
 
   Why training reaches the target per head rather than all-or-nothing: tokens' scores spread
   ~1 at init (the token's own input feeds the score), Adam's steps are small against that
@@ -102,7 +104,10 @@ class AttentionGate(nn.Module):
     hard_BxTxK = (token_BxTxK + bias_K > _logit(g.threshold)) | sink_BxTx1
     keep_BxTxK = jnp.where(sink_BxTx1, 1.0, straight_through(
         hard_BxTxK, jax.nn.log_sigmoid(token_BxTxK + sg(bias_K))))
-    budget_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K))
-    self.sow("metrics", "evict_ratio", 1.0 - hard_BxTxK.mean(axis=(0, 1)))
+    last_Bx1 = positions_BxT.max(axis=1, keepdims=True)
+    forced_BxTx1 = sink_BxTx1 | (positions_BxT > last_Bx1 - g.recent_tokens)[..., None]
+    budget_BxTxK = jnp.where(forced_BxTx1, 1.0, straight_through(
+        hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K)))
+    self.sow("metrics", "evict_ratio", 1.0 - (hard_BxTxK | forced_BxTx1).mean(axis=(0, 1)))
     self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
     return keep_BxTxK, state
