@@ -110,6 +110,9 @@ class AttentionGateConfig:
   keep_ratio: float = 0.5  # the eviction loss drives each layer's kept fraction here
   loss_weight: float = 1.0
   gate_decode: bool = False  # also gate decoded tokens (the gate then keeps its own K/V cache)
+  # The keys at most this many positions before a query stay visible to it whatever their flags
+  # (so the cache holds them until they leave the window; they count as kept in the budget).
+  recent_tokens: int = 0
 
   def __post_init__(self):
     for name in ("num_heads", "head_dim"):
@@ -119,6 +122,7 @@ class AttentionGateConfig:
     _require(self.num_sinks >= 0, "model.attention_gate.num_sinks", "must be >= 0")
     _require(0.0 < self.keep_ratio <= 1.0, "model.attention_gate.keep_ratio", "must be in (0, 1]")
     _require(self.loss_weight >= 0, "model.attention_gate.loss_weight", "must be >= 0")
+    _require(self.recent_tokens >= 0, "model.attention_gate.recent_tokens", "must be >= 0")
 
 
 EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")
@@ -260,6 +264,9 @@ class ModelConfig:
     _require(self.rope_theta > 0, "model.rope_theta", "must be > 0")
     _require(self.norm_eps > 0, "model.norm_eps", "must be > 0")
     _require(self.init_std > 0, "model.init_std", "must be > 0")
+    recent = self.attention_gate.recent_tokens
+    _require(recent < self.max_seq_len, "model.attention_gate.recent_tokens",
+             f"must be < model.max_seq_len={self.max_seq_len}, got {recent}")
     for name in ("dtype", "param_dtype", "cache_dtype"):
       _choice(getattr(self, name), f"model.{name}", DTYPES)
     _choice(self.attention_impl, "model.attention_impl", ATTENTION_IMPLS)

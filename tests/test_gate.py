@@ -12,6 +12,7 @@ from flax import traverse_util
 
 import kvjax
 from kvjax.cache.compact import EMPTY, compact_layout
+from kvjax.cache.sequence import CausalLayout, visible_flags
 from kvjax.cache.storage import PlainStorage
 from kvjax.decode import init_cache
 from kvjax.errors import ConfigError
@@ -56,14 +57,18 @@ def gated(*overrides, bias=(-0.3, 0.3)):
   return cfg.model, model, set_score_bias(params, bias)
 
 
-def incremental(model, params, cfg, tokens_BxT, prompt_len):
-  """Prefill `prompt_len` tokens into the compacted cache, then one token per step."""
+def incremental(model, params, cfg, tokens_BxT, prompt_len, prefill_chunk=None):
+  """Prefill `prompt_len` tokens into the compacted cache (in chunks of `prefill_chunk`), then
+  one token per step."""
   b, t = tokens_BxT.shape
   cache = init_cache(cfg, b, t)
-  pos = jnp.broadcast_to(jnp.arange(prompt_len), (b, prompt_len))
-  logits, cache = run(model, params, tokens_BxT[:, :prompt_len], pos, cache)
+  outs, step = [], prefill_chunk or prompt_len
+  for i in range(0, prompt_len, step):
+    j = min(i + step, prompt_len)
+    logits, cache = run(model, params, tokens_BxT[:, i:j],
+                        jnp.broadcast_to(jnp.arange(i, j), (b, j - i)), cache)
+    outs.append(logits)
   cache = cache.finish_prefill(t - prompt_len, jax.random.key(0))
-  outs = [logits]
   for i in range(prompt_len, t):
     logits, cache = run(model, params, tokens_BxT[:, i:i + 1], jnp.full((b, 1), i), cache)
     outs.append(logits)
@@ -79,6 +84,20 @@ def test_masked_forward_equals_prefill_with_eviction_and_decode(sharing):
   full = run(model, params, tokens)
   inc, cache = incremental(model, params, cfg, tokens, prompt_len=9)
   np.testing.assert_allclose(inc, full, atol=2e-5, rtol=2e-5)
+  kept = kept_counts(cache)
+  assert (kept < 20).all() and (kept >= 2).all()  # evictions happened, sinks stayed
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 4], ids=["whole", "chunked"])
+def test_recent_window_masked_forward_equals_prefill_and_decode(prefill_chunk):
+  recent = "model.attention_gate.recent_tokens=3"
+  cfg, model, params = gated("model.attention_gate.gate_decode=true", recent, bias=(-1.0, 0.3))
+  tokens = random_tokens(2, 20, seed=3)
+  full = run(model, params, tokens)
+  inc, cache = incremental(model, params, cfg, tokens, prompt_len=9, prefill_chunk=prefill_chunk)
+  np.testing.assert_allclose(inc, full, atol=2e-5, rtol=2e-5)
+  _, without, _ = gated("model.attention_gate.gate_decode=true", bias=(-1.0, 0.3))
+  assert np.abs(run(without, params, tokens) - full).max() > 1e-3  # the window mattered
   kept = kept_counts(cache)
   assert (kept < 20).all() and (kept >= 2).all()  # evictions happened, sinks stayed
 
@@ -131,8 +150,10 @@ def test_compacted_cache_bytes_are_kept_entries_times_entry_size():
   assert full_bytes == cfg.num_kv_layers * 24 * (cfg.num_kv_heads * entry + gate_entry)
 
 
-def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts():
-  cfg, model, params = gated("model.attention_gate.gate_decode=true")
+@pytest.mark.parametrize("recent", [0, 3])
+def test_generate_matches_greedy_teacher_forcing_with_ragged_prompts(recent):
+  cfg, model, params = gated("model.attention_gate.gate_decode=true",
+                             f"model.attention_gate.recent_tokens={recent}")
   lengths = np.array([11, 7])
   prompts = np.array(random_tokens(2, 11, seed=7))
   prompts[1, 7:] = 0
@@ -222,8 +243,92 @@ def test_compacted_attention_equals_dense_attention_under_the_keep_mask():
                              dot_product_attention(q, k, v, mask_BxKxTxS), atol=1e-6)
 
 
-def test_compacted_cache_pallas_decode_matches_xla():
-  cfg, model, params = gated("model.attention_impl=pallas")
+def np_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, shown_BxKxTxS):
+  """Softmax attention over the shown keys in NumPy (float64): the reference for keep flags."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD))
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  shown_BxHxTxS = np.repeat(np.asarray(shown_BxKxTxS), g, axis=1)
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(shown_BxHxTxS, logits, -np.inf)
+  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return np.einsum("bhts,bshd->bthd", e / e.sum(axis=-1, keepdims=True), v)
+
+
+def flagged_case(t, seed=0):
+  """Random q, k, v (2 K/V heads of 2 query heads), the causal mask of the last `t` of 12
+  queries, and random 0/1 flags with each query's own key shown."""
+  b, s, d = 2, 12, 8
+  q, k, v = (jax.random.normal(jax.random.key(seed + i), (b, n, h, d))
+             for i, (n, h) in enumerate([(t, 4), (s, 2), (s, 2)]))
+  q_pos = jnp.broadcast_to(jnp.arange(s - t, s), (b, t))
+  causal_BxTxS = causal_mask(q_pos, jnp.broadcast_to(jnp.arange(s), (b, s)))
+  own_BxTxS = jnp.arange(s)[None, None] == q_pos[:, :, None]
+  flags = jax.random.bernoulli(jax.random.key(seed + 3), 0.4, (b, 2, t, s)) | own_BxTxS[:, None]
+  return q, k, v, causal_BxTxS, flags.astype(jnp.float32)
+
+
+@pytest.mark.parametrize("t", [12, 1], ids=["prefill", "one_query"])
+def test_keep_flags_give_the_masked_softmax(t):
+  q, k, v, causal_BxTxS, flags = flagged_case(t)
+  out = dot_product_attention(q, k, v, causal_BxTxS, flags)
+  np.testing.assert_allclose(out, np_attention(q, k, v, causal_BxTxS[:, None] & (flags > 0.5)),
+                             atol=1e-5)
+
+
+def test_a_hidden_keys_flag_gets_what_showing_it_would_change():
+  # Per query: the change of `out . w` if that key alone were shown too, a difference of two
+  # masked softmaxes (bounded whatever mass the hidden keys held).
+  q, k, v, causal_BxTxS, flags = flagged_case(12, seed=5)
+  w = np.asarray(jax.random.normal(jax.random.key(9), q.shape), np.float64)
+  grad = jax.grad(lambda f: (dot_product_attention(q, k, v, causal_BxTxS, f) * w).sum())(flags)
+  shown = np.asarray(causal_BxTxS[:, None] & (flags > 0.5))
+  loss_BxT = lambda shown: (np_attention(q, k, v, shown) * w).sum(axis=(2, 3))
+  checked = 0
+  for bi, ki, ti, si in zip(*np.nonzero(np.asarray(causal_BxTxS[:, None]) & ~shown)):
+    more = shown.copy()
+    more[bi, ki, ti, si] = True
+    expected = loss_BxT(more)[bi, ti] - loss_BxT(shown)[bi, ti]
+    np.testing.assert_allclose(grad[bi, ki, ti, si], expected, atol=1e-4)
+    checked += 1
+  assert checked > 20
+
+
+def np_recent_mask(causal_BxTxS, flags_BxKxTxS, q_pos_BxT, k_pos_BxS, recent):
+  """The keys a query sees: causal, and flagged or at most `recent` positions before it."""
+  distance_BxTxS = np.asarray(q_pos_BxT)[:, :, None] - np.asarray(k_pos_BxS)[:, None, :]
+  near_BxTxS = (distance_BxTxS >= 0) & (distance_BxTxS <= recent)
+  return np.asarray(causal_BxTxS)[:, None] & (np.asarray(flags_BxKxTxS) | near_BxTxS[:, None])
+
+
+@pytest.mark.parametrize("layout", ["sequence", "compacted"])
+def test_keys_within_the_recent_window_are_visible_whatever_their_flags(layout):
+  b, s, kh, r = 2, 30, 2, 4
+  k, v = (jax.random.normal(jax.random.key(i), (b, s, kh, 8)) for i in (1, 2))
+  keep = jax.random.bernoulli(jax.random.key(3), 0.3, (b, s, kh))
+  pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+  if layout == "sequence":
+    q = jax.random.normal(jax.random.key(4), (b, s, 4, 8))
+    q_pos = pos
+    out = CausalLayout(recent=r).attend(q, Chunk(k, v, pos, keep.astype(jnp.float32)))[0]
+  else:
+    q = jax.random.normal(jax.random.key(4), (b, 5, 4, 8))
+    q_pos = pos[:, [0, 7, 8, 20, 29]]
+    layer = compact_layout(b, s, kh, 8, PlainStorage(), recent=r).write(Chunk(k, v, pos, keep))
+    out = layer.attend(q, queries_at(q_pos))[0]
+  flags_BxKxTxS = np.broadcast_to(np.moveaxis(np.asarray(keep), 2, 1)[:, :, None],
+                                  (b, kh, q_pos.shape[1], s))
+  shown = np_recent_mask(causal_mask(q_pos, pos), flags_BxKxTxS, q_pos, pos, r)
+  np.testing.assert_allclose(out, np_attention(q, k, v, shown), atol=1e-5)
+  np.testing.assert_allclose(dot_product_attention(q, k, v, causal_mask(q_pos, pos),
+                                                   visible_flags(keep, q_pos, pos, r)),
+                             np_attention(q, k, v, shown), atol=1e-5)
+
+
+@pytest.mark.parametrize("recent", [0, 3])
+def test_compacted_cache_pallas_decode_matches_xla(recent):
+  cfg, model, params = gated("model.attention_impl=pallas",
+                             f"model.attention_gate.recent_tokens={recent}")
   tokens = random_tokens(1, 60, seed=11)
   cache = init_cache(cfg, 1, 64)
   _, cache = run(model, params, tokens, jnp.arange(60)[None], cache)
@@ -243,6 +348,8 @@ def test_compacted_cache_pallas_decode_matches_xla():
 @pytest.mark.parametrize("override, message", [
     ("model.attention_gate.threshold=1.5", "model.attention_gate.threshold"),
     ("model.attention_gate.keep_ratio=0", "model.attention_gate.keep_ratio"),
+    ("model.attention_gate.recent_tokens=-1", "model.attention_gate.recent_tokens"),
+    ("model.attention_gate.recent_tokens=512", "model.attention_gate.recent_tokens"),
     ("model.attention_gate.heads=2", "model.attention_gate.heads"),
     ("train.freeze_base=true", "train.freeze_base"),
 ])

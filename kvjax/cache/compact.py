@@ -3,8 +3,10 @@ buffer (`kvjax.cache.flat`) where heads own row ranges of their own size.
 
 Head h's rows also carry `pos` (`[B, N]`, each row's token position). Within a head the kept
 tokens form a prefix in position order; `pos` marks the rest EMPTY. A token that was written but
-not kept stays in the row after the prefix with position `-(p + 1)`, visible to its own query
-only (a query always sees itself), until the next write.
+not kept stays in a row after the prefix with position `-(p + 1)`, visible to the queries at most
+`recent` positions after it (its own at least), for as long as one of those can still come: the
+rows after the prefix hold, in position order, the unkept tokens still in the window of the
+next write, then the unkept tokens of the last one.
 
 Lifecycle: `compact_layout` gives every head room for the whole request; prefill writes the
 prompt with the chunk's keep flags (an attention gate's, or a policy's at compaction);
@@ -31,11 +33,14 @@ from kvjax.pallas_kernels.eligibility import TABLE_BLOCK  # rows per kernel bloc
 EMPTY = 2**30  # position of an unused row: after every query
 
 
-def _visible(pos_BxS: jax.Array, q_pos_BxT: jax.Array) -> jax.Array:
-  """`[B, T, S]`: kept rows at or before the query, and the query's own row."""
+def _visible(pos_BxS: jax.Array, q_pos_BxT: jax.Array, recent: int) -> jax.Array:
+  """`[B, T, S]`: kept rows at or before the query, and unkept rows at most `recent` positions
+  before it (its own row included)."""
   q = q_pos_BxT[:, :, None]
   pos = pos_BxS[:, None, :]
-  return ((pos >= 0) & (pos <= q)) | (pos == -(q + 1))
+  unkept_distance = q + pos + 1  # q - p for an unkept row at -(p + 1)
+  return (((pos >= 0) & (pos <= q))
+          | ((pos < 0) & (unkept_distance >= 0) & (unkept_distance <= recent)))
 
 
 @flax.struct.dataclass
@@ -47,9 +52,14 @@ class CompactLayout(Layout):
   heads: FlatHeads = flax.struct.field(pytree_node=False)
   storage: Storage = flax.struct.field(pytree_node=False)
   use_keep: bool = flax.struct.field(pytree_node=False)  # writes honour the chunk's keep flags
+  lengths: jax.Array | None  # B int32 prompt lengths, where a recent window needs them
   gated_decode: bool = flax.struct.field(pytree_node=False)  # they still do after prefill
   align: int = flax.struct.field(pytree_node=False)  # head sizes are multiples of this
   impl: str = flax.struct.field(pytree_node=False)
+  recent: int = flax.struct.field(pytree_node=False)  # unkept tokens stay visible this far
+
+  def with_prompt_lengths(self, prompt_lengths_B: jax.Array) -> CompactLayout:
+    return self.replace(lengths=prompt_lengths_B) if self.recent else self
 
   def kept_counts(self) -> np.ndarray:
     """`[B, K]` kept tokens per sequence and head (host side)."""
@@ -62,10 +72,33 @@ class CompactLayout(Layout):
   def with_filter_state(self, state: Any) -> CompactLayout:
     return self.replace(state=state)
 
+  def _window_moved(self, next_B: jax.Array, at_BxK: jax.Array) -> tuple[CompactLayout, jax.Array]:
+    """The unkept rows that a query at `next_B` may still see (positions in `[next - recent,
+    next)`) moved, in position order, to each head's slots from `at_BxK` on; returns the layout
+    and `[B, K]` how many there are. Other rows stay (the caller overwrites or empties them)."""
+    heads, n = self.heads, self.heads.num_rows
+    head_N = np.repeat(np.arange(len(heads.sizes)), heads.sizes)
+    written_BxN = -(self.pos + 1)
+    next_Bx1 = next_B[:, None]
+    moved_BxN = (self.pos < 0) & (written_BxN >= next_Bx1 - self.recent) & (written_BxN < next_Bx1)
+    before_BxN = jnp.cumsum(moved_BxN, axis=1) - moved_BxN
+    rank_BxN = before_BxN - before_BxN[:, heads.offsets[:-1]][:, head_N]
+    slot_BxN = at_BxK[:, head_N] + rank_BxN
+    to_BxN = jnp.where(moved_BxN & (slot_BxN < jnp.asarray(heads.sizes)[head_N]),
+                       heads.offsets[head_N] + slot_BxN, n)
+    b = self.pos.shape[0]
+    from_BxN = jnp.broadcast_to(jnp.arange(n), (b, n)).at[jnp.arange(b)[:, None], to_BxN].set(
+        jnp.arange(n), mode="drop")
+    take = lambda x: jnp.take_along_axis(x, from_BxN.reshape(from_BxN.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    return (self.replace(k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
+                         pos=take(self.pos)), heads.count(moved_BxN))
+
   def write(self, chunk: Chunk) -> CompactLayout:
     """Writes a chunk of consecutive positions after each head's kept rows before them: kept
-    tokens first (in order), then the unkept ones, which only their own queries see. Without
-    keep flags (or once prefill is over, unless decode is gated) every token is kept."""
+    tokens first (in order), then the unkept ones still in the window, then the chunk's unkept
+    ones. Without keep flags (or once prefill is over, unless decode is gated) every token is
+    kept."""
     heads, positions_BxT = self.heads, chunk.positions
     b, t, num_heads, _ = chunk.k.shape
     start_BxK = heads.count((self.pos >= 0) & (self.pos < positions_BxT[:, :1]))
@@ -74,38 +107,53 @@ class CompactLayout(Layout):
     else:
       keep_BxTxK = jnp.ones((b, t, num_heads), bool)
     n_kept_Bx1xK = keep_BxTxK.sum(axis=1, keepdims=True)
+    layout, n_window_BxK = self, jnp.zeros_like(start_BxK)
+    if self.recent:
+      layout, n_window_BxK = self._window_moved(positions_BxT[:, 0], start_BxK + n_kept_Bx1xK[:, 0])
+    unkept_from_Bx1xK = n_kept_Bx1xK + n_window_BxK[:, None]
     rank_BxTxK = jnp.where(keep_BxTxK, jnp.cumsum(keep_BxTxK, axis=1) - 1,
-                           n_kept_Bx1xK + jnp.cumsum(~keep_BxTxK, axis=1) - 1)
+                           unkept_from_Bx1xK + jnp.cumsum(~keep_BxTxK, axis=1) - 1)
     slot_BxTxK = start_BxK[:, None, :] + rank_BxTxK
     row_BxTxK = jnp.where(slot_BxTxK < jnp.asarray(heads.sizes), heads.offsets[:-1] + slot_BxTxK,
                           heads.num_rows)  # past a head's rows: dropped, not spilled
     head_N = np.repeat(np.arange(num_heads), heads.sizes)
     slot_N = np.arange(heads.num_rows) - heads.offsets[head_N]
     p_BxTxK = jnp.broadcast_to(positions_BxT[:, :, None], keep_BxTxK.shape)
-    pos = jnp.where(slot_N >= start_BxK[:, head_N], EMPTY, self.pos)
+    pos = jnp.where(slot_N >= (start_BxK + n_window_BxK + t)[:, head_N], EMPTY, layout.pos)
     at = heads.at(row_BxTxK)
     pos = pos.at[at].set(jnp.where(keep_BxTxK, p_BxTxK, -(p_BxTxK + 1)), mode="drop")
-    return self.replace(k=self.storage.put(self.k, at, chunk.k),
-                        v=self.storage.put(self.v, at, chunk.v), pos=pos)
+    return layout.replace(k=self.storage.put(layout.k, at, chunk.k),
+                          v=self.storage.put(layout.v, at, chunk.v), pos=pos)
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CompactLayout]:
     """Each head's visible rows (the chunk was written here, its unkept tokens included); with
     one query per sequence they are a prefix of the head's rows, which the kernel reads."""
     positions_BxT = chunk.positions
     if q_BxTxHxD.shape[1] == 1 and self.impl == "pallas":
-      num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT)[:, 0])
+      num_tokens_BxK = self.heads.count(_visible(self.pos, positions_BxT, self.recent)[:, 0])
       operand = self.storage.kernel_operand
       return self.heads.decode(q_BxTxHxD, operand(self.k), operand(self.v), num_tokens_BxK,
                                TABLE_BLOCK), self
     k_BxNxD, v_BxNxD = self.storage.read(self.k), self.storage.read(self.v)
-    mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT)
+    mask_of = lambda h, rows: _visible(self.pos[:, rows], positions_BxT, self.recent)
     return self.heads.attend(q_BxTxHxD, k_BxNxD, v_BxNxD, mask_of), self
 
   def finish_prefill(self, room: int, rng: jax.Array) -> CompactLayout:  # noqa: ARG002
-    """Every head cut to the most any sequence kept plus `room` rows (host side); the filter's
-    state goes unless decoded tokens are gated too."""
-    counts = self.kept_counts().max(axis=0)
-    sizes = tuple(int(-(-(c + room) // self.align) * self.align) for c in counts)
+    """Every head cut to the most any sequence kept plus `room` rows, and `recent` more for the
+    unkept tokens the next queries may still see (host side); the filter's state goes unless
+    decoded tokens are gated too."""
+    layout = self
+    if self.recent:
+      kept_BxN = (self.pos >= 0) & (self.pos < EMPTY)
+      written_BxN = jnp.where(kept_BxN, self.pos, -(self.pos + 1))
+      end_B = (written_BxN.max(axis=1) + 1 if self.lengths is None else self.lengths)
+      layout, n_window_BxK = self._window_moved(end_B, self.heads.count(kept_BxN))
+      slot_N = np.arange(self.heads.num_rows) - np.repeat(self.heads.offsets[:-1], self.heads.sizes)
+      head_N = np.repeat(np.arange(len(self.heads.sizes)), self.heads.sizes)
+      last_BxN = (self.heads.count(kept_BxN) + n_window_BxK)[:, head_N]
+      layout = layout.replace(pos=jnp.where(slot_N >= last_BxN, EMPTY, layout.pos))
+    counts = layout.kept_counts().max(axis=0)
+    sizes = tuple(int(-(-(c + room + self.recent) // self.align) * self.align) for c in counts)
 
     def cut(buf, fill):
       parts = []
@@ -116,14 +164,14 @@ class CompactLayout(Layout):
       return jnp.concatenate(parts, axis=1)
 
     rows = lambda buf: jax.tree.map(lambda x: cut(x, 0), buf)
-    return self.replace(k=rows(self.k), v=rows(self.v), pos=cut(self.pos, EMPTY),
-                        state=self.state if self.gated_decode else None,
-                        heads=FlatHeads(sizes), use_keep=self.gated_decode)
+    return layout.replace(k=rows(layout.k), v=rows(layout.v), pos=cut(layout.pos, EMPTY),
+                          state=self.state if self.gated_decode else None, lengths=None,
+                          heads=FlatHeads(sizes), use_keep=self.gated_decode)
 
 
 def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
-                   *, impl: str = "xla", state: Any = None, gated_decode: bool = False
-                   ) -> CompactLayout:
+                   *, impl: str = "xla", state: Any = None, gated_decode: bool = False,
+                   recent: int = 0) -> CompactLayout:
   """Every head with room for `max_len` tokens: what prefill needs before the choice is made;
   `finish_prefill` shrinks it."""
   align = TABLE_BLOCK if impl == "pallas" else 1
@@ -132,5 +180,5 @@ def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, s
   return CompactLayout(k=heads.zeros(batch, head_dim, storage),
                        v=heads.zeros(batch, head_dim, storage),
                        pos=jnp.full((batch, heads.num_rows), EMPTY, jnp.int32), state=state,
-                       heads=heads, storage=storage, use_keep=True, gated_decode=gated_decode,
-                       align=align, impl=impl)
+                       lengths=None, heads=heads, storage=storage, use_keep=True,
+                       gated_decode=gated_decode, align=align, impl=impl, recent=recent)

@@ -13,27 +13,32 @@ from kvjax.layers.cache import Chunk, Layout
 from kvjax.layers.dot_product import causal_mask, dot_product_attention
 
 
-def visible_weights(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array,
-                    k_pos_BxS: jax.Array) -> jax.Array:
-  """`[B, K, T, S]` weights for `dot_product_attention`: key s counts for query t iff it is kept
-  or is the query's own token (a filter cannot hide a token from itself); keep's gradient passes
-  through."""
-  self_BxTxS = k_pos_BxS[:, None, :] == q_pos_BxT[:, :, None]
-  return jnp.where(self_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
+def visible_flags(keep_BxSxK: jax.Array, q_pos_BxT: jax.Array, k_pos_BxS: jax.Array,
+                  recent: int = 0) -> jax.Array:
+  """`[B, K, T, S]` keep flags for `dot_product_attention`: key s is shown to query t iff it is
+  kept or at most `recent` positions before t (its own token included: a filter cannot hide a
+  token from itself); keep's gradient passes through for the rest."""
+  distance_BxTxS = q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :]
+  near_BxTxS = (distance_BxTxS >= 0) & (distance_BxTxS <= recent)
+  return jnp.where(near_BxTxS[:, None], 1.0, jnp.moveaxis(keep_BxSxK, 2, 1)[:, :, None, :])
 
 
 @flax.struct.dataclass
 class CausalLayout(Layout):
-  """Causal attention within the chunk; a K/V filter's keep flags hide the tokens it drops."""
+  """Causal attention within the chunk; a K/V filter's keep flags hide the tokens it drops from
+  queries more than `recent` positions later."""
+
+  recent: int = flax.struct.field(pytree_node=False, default=0)
 
   def write(self, chunk: Chunk) -> CausalLayout:  # noqa: ARG002 (attention reads the chunk)
     return self
 
   def attend(self, q_BxTxHxD: jax.Array, chunk: Chunk) -> tuple[jax.Array, CausalLayout]:
     pos_BxT = chunk.positions
-    weights = None if chunk.keep is None else visible_weights(chunk.keep, pos_BxT, pos_BxT)
+    keep = (None if chunk.keep is None
+            else visible_flags(chunk.keep, pos_BxT, pos_BxT, self.recent))
     return dot_product_attention(q_BxTxHxD, chunk.k, chunk.v, causal_mask(pos_BxT, pos_BxT),
-                                 weights), self
+                                 keep), self
 
 
 @flax.struct.dataclass

@@ -3,8 +3,12 @@ whether later queries may see that token. It is the attention layer's K/V filter
 travel with the chunk, and the layout applies them (`kvjax.layers.cache`).
 
 Flags are hard (`sigmoid score > threshold`) in the forward pass, so training sees exactly the
-mask inference applies; the backward pass goes straight through to the sigmoid. The first
-`num_sinks` positions are always kept, and a query always sees its own token.
+mask inference applies; layouts apply them in logit space, and the backward pass goes straight
+through to the log of the sigmoid, so a flag's gradient is that of its key's attention logit
+(`kvjax.layers.dot_product`): bounded, where one through renormalised probabilities grows as
+the mass left on kept keys shrinks. The first
+`num_sinks` positions are always kept, and a query always sees its own token and the
+`recent_tokens` before it.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class AttentionGate(nn.Module):
   layout of the gate's own K/V that a cache keeps for it, is written and read instead, so a
   prompt prefilled in chunks is gated as if whole.
   In a mutable `metrics` / `losses` apply, the layer reports its eviction ratio per K/V head and
-  its weighted eviction loss.
+  its weighted eviction loss; both count the sinks and the sequence's last `recent_tokens` as
+  kept, as the cache holds them once the sequence is in.
 
   Why training reaches the target per head rather than all-or-nothing: tokens' scores spread
   ~1 at init (the token's own input feeds the score), Adam's steps are small against that
@@ -95,10 +100,14 @@ class AttentionGate(nn.Module):
     # eviction loss moves all tokens' scores together (Adam's fastest way to meet the budget)
     # and overshoots into all-or-nothing; the LM loss's noise would stall the bias.
     sg = jax.lax.stop_gradient
-    hard_BxTxK = ((token_BxTxK + bias_K > _logit(g.threshold))
-                  | (positions_BxT < g.num_sinks)[..., None])
-    keep_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(token_BxTxK + sg(bias_K)))
-    budget_BxTxK = straight_through(hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K))
-    self.sow("metrics", "evict_ratio", 1.0 - hard_BxTxK.mean(axis=(0, 1)))
+    sink_BxTx1 = (positions_BxT < g.num_sinks)[..., None]
+    hard_BxTxK = (token_BxTxK + bias_K > _logit(g.threshold)) | sink_BxTx1
+    keep_BxTxK = jnp.where(sink_BxTx1, 1.0, straight_through(
+        hard_BxTxK, jax.nn.log_sigmoid(token_BxTxK + sg(bias_K))))
+    last_Bx1 = positions_BxT.max(axis=1, keepdims=True)
+    forced_BxTx1 = sink_BxTx1 | (positions_BxT > last_Bx1 - g.recent_tokens)[..., None]
+    budget_BxTxK = jnp.where(forced_BxTx1, 1.0, straight_through(
+        hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K)))
+    self.sow("metrics", "evict_ratio", 1.0 - (hard_BxTxK | forced_BxTx1).mean(axis=(0, 1)))
     self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
     return keep_BxTxK, state

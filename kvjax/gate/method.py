@@ -8,6 +8,7 @@ import functools
 
 from kvjax.cache.compact import CompactLayout, compact_layout
 from kvjax.cache.dense import dense_layout
+from kvjax.cache.sequence import CausalLayout
 from kvjax.cache.storage import Storage
 from kvjax.config import ModelConfig
 from kvjax.gate.layer import AttentionGate
@@ -20,8 +21,12 @@ def _layouts(cfg: ModelConfig, batch: int, max_len: int, impl: str,
   g = cfg.attention_gate
   state = lambda: dense_layout(batch, max_len, g.num_heads, g.head_dim, storage)
   return tuple(compact_layout(batch, max_len, cfg.num_kv_heads, cfg.head_dim_, storage, impl=impl,
-                              state=state(), gated_decode=g.gate_decode)
+                              state=state(), gated_decode=g.gate_decode, recent=g.recent_tokens)
                for _ in range(cfg.num_kv_layers))
+
+
+def _sequence_layouts(cfg: ModelConfig) -> tuple[CausalLayout, ...]:
+  return (CausalLayout(recent=cfg.attention_gate.recent_tokens),) * cfg.num_layers
 
 
 METHOD = Method(
@@ -32,5 +37,6 @@ METHOD = Method(
     scan_why="its compacted caches differ from layer to layer, so they cannot be stacked "
              "(unroll the layers)",
     shards_kv_heads=False, param_scope=("attn", "filter"), layouts=_layouts,
+    sequence_layouts=_sequence_layouts,
     kv_filter=lambda cfg: functools.partial(AttentionGate, cfg),
     kernel=lambda cfg: ("flat", TABLE_BLOCK))

@@ -45,7 +45,9 @@ class Chunk:
   k: jax.Array  # B x T x K x D, rotated keys
   v: jax.Array  # B x T x K x D
   positions: jax.Array  # B x T int32, consecutive per sequence
-  keep: jax.Array | None = None  # B x T x K in [0, 1]: a K/V filter's flags (straight-through)
+  # B x T x K: a K/V filter's flags, 0/1 in value (> 0.5: kept); their gradient is taken w.r.t.
+  # the log of the filter's score (straight-through), as a shift of the key's attention logit.
+  keep: jax.Array | None = None
 
 
 class Layout(abc.ABC):
