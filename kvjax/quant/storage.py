@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.storage import Storage
-from kvjax.pallas_kernels.quantized import QuantizedKV
+from kvjax.pallas_kernels import quantized
 
 QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
 SCALE_DTYPE = jnp.bfloat16
@@ -41,11 +41,6 @@ def _pack_int4(codes_xD: jax.Array) -> jax.Array:
   """`[..., D]` int8 codes in [-8, 7] -> `[..., D/2]` bytes: low nibble value j, high j + D/2."""
   lo, hi = jnp.split(codes_xD, 2, axis=-1)
   return (lo & 0x0F) | (hi << 4)
-
-
-def _unpack_int4(packed_xD2: jax.Array) -> jax.Array:
-  """The inverse of `_pack_int4` (arithmetic shifts sign-extend each nibble)."""
-  return jnp.concatenate([(packed_xD2 << 4) >> 4, packed_xD2 >> 4], axis=-1)
 
 
 def quantize(x_xD: jax.Array, mode: str, group: int = 0) -> Quantized:
@@ -67,12 +62,8 @@ def quantize(x_xD: jax.Array, mode: str, group: int = 0) -> Quantized:
 
 
 def dequantize(q: Quantized, mode: str, dtype=jnp.float32) -> jax.Array:
-  """Codes times their scales, `[..., D]` in `dtype`."""
-  codes = _unpack_int4(q.codes) if mode == "int4" else q.codes
-  groups = q.scales.shape[-1]
-  c_xGxg = codes.astype(jnp.float32).reshape(*codes.shape[:-1], groups, -1)
-  x_xGxg = c_xGxg * q.scales.astype(jnp.float32)[..., None]
-  return x_xGxg.reshape(codes.shape).astype(dtype)
+  """Codes times their scales, `[..., D]` in `dtype` (the kernels' own reading of the format)."""
+  return quantized.dequantize(quantized.QuantizedKV(q.codes, q.scales, mode), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,5 +89,5 @@ class QuantStorage(Storage):
   def read(self, buf: Quantized) -> jax.Array:
     return dequantize(buf, self.mode, self.dtype)
 
-  def kernel_operand(self, buf: Quantized) -> QuantizedKV:
-    return QuantizedKV(buf.codes, buf.scales, self.mode)
+  def kernel_operand(self, buf: Quantized) -> quantized.QuantizedKV:
+    return quantized.QuantizedKV(buf.codes, buf.scales, self.mode)
