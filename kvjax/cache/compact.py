@@ -77,7 +77,7 @@ class CompactLayout(Layout):
     next)`) moved, in position order, to each head's slots from `at_BxK` on; returns the layout
     and `[B, K]` how many there are. Other rows stay (the caller overwrites or empties them)."""
     heads, n = self.heads, self.heads.num_rows
-    head_N = np.repeat(np.arange(len(heads.sizes)), heads.sizes)
+    head_N = heads.head_N
     written_BxN = -(self.pos + 1)
     next_Bx1 = next_B[:, None]
     moved_BxN = (self.pos < 0) & (written_BxN >= next_Bx1 - self.recent) & (written_BxN < next_Bx1)
@@ -116,8 +116,7 @@ class CompactLayout(Layout):
     slot_BxTxK = start_BxK[:, None, :] + rank_BxTxK
     row_BxTxK = jnp.where(slot_BxTxK < jnp.asarray(heads.sizes), heads.offsets[:-1] + slot_BxTxK,
                           heads.num_rows)  # past a head's rows: dropped, not spilled
-    head_N = np.repeat(np.arange(num_heads), heads.sizes)
-    slot_N = np.arange(heads.num_rows) - heads.offsets[head_N]
+    head_N, slot_N = heads.head_N, heads.slot_N
     p_BxTxK = jnp.broadcast_to(positions_BxT[:, :, None], keep_BxTxK.shape)
     pos = jnp.where(slot_N >= (start_BxK + n_window_BxK + t)[:, head_N], EMPTY, layout.pos)
     at = heads.at(row_BxTxK)
@@ -148,10 +147,8 @@ class CompactLayout(Layout):
       written_BxN = jnp.where(kept_BxN, self.pos, -(self.pos + 1))
       end_B = (written_BxN.max(axis=1) + 1 if self.lengths is None else self.lengths)
       layout, n_window_BxK = self._window_moved(end_B, self.heads.count(kept_BxN))
-      slot_N = np.arange(self.heads.num_rows) - np.repeat(self.heads.offsets[:-1], self.heads.sizes)
-      head_N = np.repeat(np.arange(len(self.heads.sizes)), self.heads.sizes)
-      last_BxN = (self.heads.count(kept_BxN) + n_window_BxK)[:, head_N]
-      layout = layout.replace(pos=jnp.where(slot_N >= last_BxN, EMPTY, layout.pos))
+      last_BxN = (self.heads.count(kept_BxN) + n_window_BxK)[:, self.heads.head_N]
+      layout = layout.replace(pos=jnp.where(self.heads.slot_N >= last_BxN, EMPTY, layout.pos))
     counts = layout.kept_counts().max(axis=0)
     sizes = tuple(int(-(-(c + room + self.recent) // self.align) * self.align) for c in counts)
 

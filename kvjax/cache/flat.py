@@ -33,6 +33,16 @@ class FlatHeads:
     """`[K + 1]` int32: head h's rows start at offsets[h]; offsets[K] is N."""
     return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int32)
 
+  @cached_property
+  def head_N(self) -> np.ndarray:
+    """`[N]`: the head that owns each row."""
+    return np.repeat(np.arange(len(self.sizes)), self.sizes)
+
+  @cached_property
+  def slot_N(self) -> np.ndarray:
+    """`[N]`: each row's index within its head's rows."""
+    return np.arange(self.num_rows) - self.offsets[self.head_N]
+
   @property
   def num_rows(self) -> int:
     return int(self.offsets[-1])
