@@ -90,6 +90,8 @@ def plans(args, d: float, wanted: set[str]) -> dict[str, dict]:
 
 def overrides(name: str, d: float, args) -> list[str]:
   plan = lambda stem: f"model.moa.plan={rel(WORK / f'{stem}_{d:g}.json')}"
+  if name.startswith("moa_handmade_top"):  # the top-K sweep's plans
+    return [plan(name), *small_blocks(args)]
   return {"dense": [],
           "moa": [plan("moa"), *small_blocks(args)],
           "moa_handmade": [plan("moa_handmade"), *small_blocks(args)],
@@ -201,6 +203,27 @@ def plan_spans(d: float, heads: list[dict], args) -> dict:
   return out
 
 
+def top_sweep(args, d: float, runs: dict) -> list[dict]:
+  """The mechanism's dose-response: hand-made plans keeping the top K heads at density `d`,
+  passkey at the first length on the claim's prompts, paired against dense."""
+  n, out = args.lengths[0], []
+  dense = [o[3] for o in outcomes(runs[("dense", 1.0, n)]["result"]["result"]["records"])]
+  for k in args.top_sweep:
+    plan_path = WORK / f"moa_handmade_top{k}_{d:g}.json"
+    record = run(moa_cli("heads-plan", "--heads", rel(WORK / "heads.json"), "--top", str(k),
+                         "--density", str(d), "--lengths", *map(str, args.lengths), "--out",
+                         rel(plan_path), *small_blocks(args)), plan_path, args.resume)
+    result = run(*passkey_job(args, f"moa_handmade_top{k}", d, n, "forward"), args.resume)
+    correct = [o[3] for o in outcomes(result["result"]["result"]["records"])]
+    plan = load_plan(plan_path)
+    out.append({"top": k, "plan_command": record["command"], "command": result["command"],
+                "kv_density": plan.kv_density(n, args.block, KV_HEADS),
+                "window_beta": min(b for row in plan.betas for b in row),
+                "accuracy": float(np.mean(correct)), "ci95": wilson(sum(correct), len(correct)),
+                "n": len(correct), "mcnemar_p_vs_dense": mcnemar(correct, dense)})
+  return out
+
+
 def plot(summary: dict) -> None:
   import matplotlib  # noqa: PLC0415 (plotting only)
   matplotlib.use("Agg")
@@ -235,12 +258,15 @@ def main() -> None:
   p.add_argument("--heads-samples", type=int, default=2)
   p.add_argument("--heads-seed", type=int, default=1, help="other prompts than the evaluation's")
   p.add_argument("--top", type=int, default=10, help="retrieval heads the hand-made plan keeps")
+  p.add_argument("--top-sweep", type=int, nargs="*", default=[20, 30, 45],
+                 help="also hand-made plans keeping this many heads, at the first density and "
+                      "length (needs dense there)")
   p.add_argument("--block", type=int, default=32, help="MoA block size (StreamingLLM-4's too)")
   p.add_argument("--sink", type=int, default=4, help="MoA sink tokens")
   p.add_argument("--profile-lengths", type=int, nargs="+", default=[1024, 2048])
   p.add_argument("--profile-samples", type=int, default=8)
   p.add_argument("--val-samples", type=int, default=2)
-  p.add_argument("--response-tokens", type=int, default=32)
+  p.add_argument("--response-tokens", type=int, default=16)
   p.add_argument("--alphas", type=int, nargs=3, default=[-512, 1024, 128])
   p.add_argument("--betas", type=float, nargs=3, default=[0, 1, 0.125])
   p.add_argument("--jobs", type=int, default=1, help="evaluation commands run at once")
@@ -274,6 +300,9 @@ def main() -> None:
     summary["claims"][f"{d:g}"] = claim
     summary["claim_details"][f"{d:g}"] = details
     summary["plan_spans"][f"{d:g}"] = plan_spans(d, heads, args)
+  if args.top_sweep and ("dense", 1.0, args.lengths[0]) in runs and "moa_handmade" in wanted:
+    d = args.densities[0]
+    summary["top_sweep"] = {f"{d:g}": top_sweep(args, d, runs)}
   summary["claim"] = summary["claims"].get("0.5")
   write_json("moa", summary)
   plot(summary)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -148,7 +149,7 @@ def check_plan_args(args, cfg) -> None:
                      "influence is measured per layer); write a plan by hand or with `uniform`")
 
 
-def calibration_data(args, cfg, model, params, tokenizer, n: int, rng):
+def calibration_data(args, cfg, model, params, tokenizer, n: int, rng, short_answers: dict):
   """`(train, validation)` at length `n`, each `(tokens, weights)`: what `--calibration` names,
   with the dense model's own responses."""
   from kvjax.moa import calibration  # noqa: PLC0415
@@ -167,35 +168,51 @@ def calibration_data(args, cfg, model, params, tokenizer, n: int, rng):
   for part, count in sizes.items():
     tokens, weights, stats = calibration.reading_set(
         model, params, model.cfg, tokenizer, items[part], length=n, count=count,
-        response_tokens=args.response_tokens, rng=rng)
+        response_tokens=args.response_tokens, rng=rng, short_answers=short_answers,
+        log=tqdm.write)
     tqdm.write(f"length {n} {part}: {stats}")
     out.append((tokens, weights))
   return tuple(out)
 
 
-def profiled(args, cfg, model, params, tokenizer, n: int):
-  """`(influence [L, H, M, M], validation)` at length `n`, read from `--work` when a run with the
-  same arguments left them there."""
-  from kvjax.moa.pipeline import mean_influence  # noqa: PLC0415
-
-  key = (f"{args.calibration}_{n}_{args.samples}_{args.val_samples}_{args.response_tokens}_"
-         f"{args.seed}_b{model.cfg.moa.block_size}")
-  path = Path(args.work) / f"profile_{key}.npz" if args.work else None
+def _saved(path: Path | None, make) -> dict:
+  """The arrays at `path` if a run left them there, else `make()`'s, written atomically."""
   if path and path.exists():
-    saved = np.load(path)
-    return saved["influence"], (saved["val_tokens"], saved["val_weights"])
-  tqdm.write(f"length {n}: {args.samples} + {args.val_samples} {args.calibration} samples")
-  rng = np.random.default_rng([args.seed, n])  # per length: a resumed length draws the same
-  train, validation = calibration_data(args, cfg, model, params, tokenizer, n, rng)
-  influence = mean_influence(model, params, *train, block=model.cfg.moa.block_size,
-                             progress=lambda it: tqdm(it, desc=f"profile {n}"))
+    return dict(np.load(path))
+  arrays = make()
   if path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, influence=influence, tokens=train[0], weights=train[1],
-             val_tokens=validation[0], val_weights=validation[1])
+    np.savez(partial, **arrays)
     partial.replace(path)
-  return influence, validation
+  return arrays
+
+
+def profiled(args, cfg, model, params, tokenizer, n: int, short_answers: dict):
+  """`(influence [L, H, M, M], validation)` at length `n`. With `--work`, the calibration data
+  and the profile are kept there as soon as each exists, so a rerun resumes after either."""
+  from kvjax.moa.pipeline import mean_influence  # noqa: PLC0415
+
+  model_key = json.dumps([args.config, args.checkpoint,
+                          sorted(o for o in args.overrides if not o.startswith("model.moa."))])
+  key = (f"{args.calibration}_{n}_{args.samples}_{args.val_samples}_{args.response_tokens}_"
+         f"{args.seed}_{hashlib.sha256(model_key.encode()).hexdigest()[:8]}")
+  work = Path(args.work) if args.work else None
+
+  def data():
+    tqdm.write(f"length {n}: {args.samples} + {args.val_samples} {args.calibration} samples")
+    rng = np.random.default_rng([args.seed, n])  # per length: a resumed length draws the same
+    (tokens, weights), (val_tokens, val_weights) = calibration_data(
+        args, cfg, model, params, tokenizer, n, rng, short_answers)
+    return {"tokens": tokens, "weights": weights, "val_tokens": val_tokens,
+            "val_weights": val_weights}
+
+  samples = _saved(work and work / f"data_{key}.npz", data)
+  block = model.cfg.moa.block_size
+  profile = _saved(work and work / f"profile_{key}_b{block}.npz", lambda: {
+      "influence": mean_influence(model, params, samples["tokens"], samples["weights"],
+                                  block=block, progress=lambda it: tqdm(it, desc=f"profile {n}"))})
+  return profile["influence"], (samples["val_tokens"], samples["val_weights"])
 
 
 def run_plan(args, cfg) -> None:
@@ -204,9 +221,9 @@ def run_plan(args, cfg) -> None:
   start = time.perf_counter()
   model, params = kvjax.build_model(dense_config(cfg)), load_params(cfg, args.checkpoint)
   tokenizer = tokenizer_for(cfg)
-  influence, validation = {}, {}
+  influence, validation, short_answers = {}, {}, {}
   for n in args.lengths:
-    influence[n], validation[n] = profiled(args, cfg, model, params, tokenizer, n)
+    influence[n], validation[n] = profiled(args, cfg, model, params, tokenizer, n, short_answers)
   plan, records = search_plan(model, params, influence, validation, budget=args.density,
                               alphas=grid(*args.alphas), betas=grid(*args.betas),
                               max_rules=args.max_rules,

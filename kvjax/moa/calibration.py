@@ -18,7 +18,7 @@ response (dense attention) follows, and a short response leaves unscored padding
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -157,18 +157,22 @@ def _respond(model, params, cfg, tokenizer, prompt_T: np.ndarray, width: int,
 
 def reading_set(model, params, cfg, tokenizer, items: Sequence[Reading], *, length: int,
                 count: int, response_tokens: int, rng: np.random.Generator,
-                max_long_tries: int | None = None):
+                max_long_tries: int | None = None, short_answers: dict | None = None,
+                log: Callable[[str], None] = lambda line: None):
   """`(tokens [count, length], weights [count, length], stats)` of long-range questions the model
   answers right (weight 1 on its answer). Targets are drawn from `items` in a random order; the
   other passages are random items with other passages. Raises ValueError when fewer than `count`
-  are answered within `max_long_tries` long prompts (default 4 x count) or the items run out.
+  are answered within `max_long_tries` long prompts (default 16 x count) or the items run out.
+  `short_answers` (item -> answered with the passage alone) carries the cheap check from one
+  call to the next; `log` hears of every accepted sample.
 
   `model`/`cfg` must be the dense model (responses come from the unmodified model).
   """
   width = length - response_tokens
   stats, tokens, weights = ReadingStats(), [], []
+  short_answers = {} if short_answers is None else short_answers
   for i in rng.permutation(len(items)):
-    if len(tokens) == count or stats.long_tried == (max_long_tries or 4 * count):
+    if len(tokens) == count or stats.long_tried == (max_long_tries or 16 * count):
       break
     target = items[i]
     short = np.concatenate([_bos(tokenizer), _passage(tokenizer, target),
@@ -176,8 +180,10 @@ def reading_set(model, params, cfg, tokenizer, items: Sequence[Reading], *, leng
     if len(short) > SHORT:
       continue
     stats.short_tried += 1
-    said = _respond(model, params, cfg, tokenizer, short, SHORT, response_tokens)
-    if not answered(tokenizer.decode(said), target.answers):
+    if target not in short_answers:
+      said = _respond(model, params, cfg, tokenizer, short, SHORT, response_tokens)
+      short_answers[target] = answered(tokenizer.decode(said), target.answers)
+    if not short_answers[target]:
       continue
     stats.short_answered += 1
     others = [items[j] for j in rng.permutation(len(items))[:64]
@@ -195,6 +201,7 @@ def reading_set(model, params, cfg, tokenizer, items: Sequence[Reading], *, leng
     row[:width], row[width:width + len(said)] = prompt, said
     tokens.append(row)
     weights.append((np.arange(length) >= width) & (np.arange(length) < width + len(said)))
+    log(f"{length} tokens: {len(tokens)} of {count} ({stats})")
   if len(tokens) < count:
     raise ValueError(f"the model answered {len(tokens)} of the {count} long-range questions "
                      f"wanted at {length} tokens ({stats})")
