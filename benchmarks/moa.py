@@ -15,7 +15,10 @@ under benchmarks/results/moa/ (`--resume` reuses a command already run with the 
    for every method (depths 0.1-0.9), teacher-forced through the forward pass (the method's
    whole-sequence attention), or generated where the forward pass cannot stand for the cache
    (H2O evicts after a dense prefill);
-4. summary: accuracy with Wilson 95% intervals, exact McNemar p-values on the paired prompts.
+4. summary: accuracy with Wilson 95% intervals, exact McNemar p-values on the paired prompts;
+5. `--top-sweep K ...`: hand-made plans keeping the top K heads at the first density, passkey at
+   the first length (the mechanism's dose-response; `--methods` with no names runs only this and
+   the summary).
 Results: benchmarks/results/moa_<device>.json ("claim" at 50%, "claims" at every density) and
 .png (accuracy by depth).
 """
@@ -248,7 +251,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25])
-  p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+  p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS,
+                 help="methods to run now (none: only the summary and the --top-sweep)")
   p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
   p.add_argument("--depths", type=float, nargs="+",
                  default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
@@ -300,7 +304,7 @@ def main() -> None:
     summary["claims"][f"{d:g}"] = claim
     summary["claim_details"][f"{d:g}"] = details
     summary["plan_spans"][f"{d:g}"] = plan_spans(d, heads, args)
-  if args.top_sweep and ("dense", 1.0, args.lengths[0]) in runs and "moa_handmade" in wanted:
+  if args.top_sweep and ("dense", 1.0, args.lengths[0]) in runs:
     d = args.densities[0]
     summary["top_sweep"] = {f"{d:g}": top_sweep(args, d, runs)}
   summary["claim"] = summary["claims"].get("0.5")
