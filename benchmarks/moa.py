@@ -82,7 +82,8 @@ def plans(args, d: float, wanted: set[str]) -> dict[str, dict]:
         *map(str, args.profile_lengths), "--samples",
         str(args.profile_samples), "--val-samples", str(args.val_samples), "--response-tokens",
         str(args.response_tokens), "--alphas", *map(str, args.alphas), "--betas",
-        *map(str, args.betas), "--work", rel(WORK / "calibration"), *small_blocks(args)),
+        *map(str, args.betas), "--calibration", args.calibration, "--work",
+        rel(WORK / "calibration"), *small_blocks(args)),
         Path(f"{out}.report.json"), args.resume)
   if wanted & {"streaming_llm_4", "streaming_llm_64"}:
     out = WORK / f"streaming_{d:g}.json"
@@ -269,6 +270,7 @@ def main() -> None:
   p.add_argument("--sink", type=int, default=4, help="MoA sink tokens")
   p.add_argument("--profile-lengths", type=int, nargs="+", default=[1024, 2048])
   p.add_argument("--profile-samples", type=int, default=8)
+  p.add_argument("--calibration", default="facts", help="what `kvjax.moa plan` profiles on")
   p.add_argument("--val-samples", type=int, default=2)
   p.add_argument("--response-tokens", type=int, default=16)
   p.add_argument("--alphas", type=int, nargs=3, default=[-512, 1024, 128])

@@ -12,7 +12,7 @@ from kvjax.data.tokenizers import ByteTokenizer
 from kvjax.eval.reading import Reading, answered, normalize, quoted
 from kvjax.layers.cache import Chunk
 from kvjax.moa.__main__ import main as moa_main
-from kvjax.moa.calibration import reading_prompt, split_by_passage
+from kvjax.moa.calibration import fact_items, reading_prompt, split_by_passage
 from kvjax.moa.heads import SpanAttention, keep_heads_plan, planted_span, span_attention
 from kvjax.moa.plan import Plan
 from tests.helpers import TINY, random_tokens, tiny_model
@@ -143,3 +143,10 @@ def test_moa_cli_rejects_bad_arguments_with_exit_2(argv, message, capsys):
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and message in err, err
 
+
+
+def test_fact_notes_quote_their_answer_and_lead_into_it():
+  for item in fact_items(np.random.default_rng(3), 20):
+    person = item.question.removeprefix("What is ").split("'s ")[0]
+    assert quoted(item) == item and person in item.passage
+    assert f"{item.lead} {item.answers[0]}." in item.passage

@@ -21,6 +21,7 @@ class Reading:
   question: str
   answers: tuple[str, ...]  # any of them is right
   source: str
+  lead: str = ""  # the answer's first words, written after "Answer:" so that it is continued
 
 
 def _squad(doc: dict) -> Reading:

@@ -42,7 +42,7 @@ from kvjax.moa.plan import uniform_plan
 PLANTED = {"passkey": synthetic.passkey, "lines": synthetic.lines}
 
 COMMANDS = ("plan", "uniform", "heads", "heads-plan")
-CALIBRATIONS = ("reading", "summary")
+CALIBRATIONS = ("facts", "reading", "summary")
 MAX_GRID_POINTS = 10_000  # the search tries every rule on every head: more is a typo
 
 
@@ -100,9 +100,10 @@ def parse_args(argv):
   plan.add_argument("--betas", type=float, nargs=3, default=[0, 1, 0.125],
                     metavar=("FIRST", "LAST", "STEP"))
   plan.add_argument("--max-rules", type=int, default=2, help="distinct rules per layer")
-  plan.add_argument("--calibration", choices=CALIBRATIONS, default="reading",
-                    help="reading: long-range questions the model answers from an early passage; "
-                         "summary: the model summarises (or continues) a corpus passage")
+  plan.add_argument("--calibration", choices=CALIBRATIONS, default="facts",
+                    help="facts: questions on a note of facts planted early among reading "
+                         "passages; reading: questions on an early reading passage; summary: the "
+                         "model summarises (or continues) a corpus passage")
   plan.add_argument("--work", help="directory that keeps each length's calibration data and "
                                    "profile, so that a rerun with the same arguments resumes")
   plan.add_argument("--seed", type=seed, default=0)
@@ -163,13 +164,15 @@ def calibration_data(args, cfg, model, params, tokenizer, n: int, rng, short_ans
         model, params, model.cfg, tokenizer, docs[part], length=n, count=count,
         response_tokens=args.response_tokens, rng=rng) for part, count in sizes.items())
   from kvjax.eval.reading import load_reading  # noqa: PLC0415
-  items = dict(zip(sizes, calibration.split_by_passage(load_reading())))
+  passages = dict(zip(sizes, calibration.split_by_passage(load_reading())))
   out = []
   for part, count in sizes.items():
+    facts = args.calibration == "facts"
+    items = calibration.fact_items(rng, 64 * count) if facts else passages[part]
     tokens, weights, stats = calibration.reading_set(
-        model, params, model.cfg, tokenizer, items[part], length=n, count=count,
-        response_tokens=args.response_tokens, rng=rng, short_answers=short_answers,
-        log=tqdm.write)
+        model, params, model.cfg, tokenizer, items, length=n, count=count,
+        response_tokens=args.response_tokens, rng=rng, fillers=passages[part],
+        check_short=not facts, short_answers=short_answers, log=tqdm.write)
     tqdm.write(f"length {n} {part}: {stats}")
     out.append((tokens, weights))
   return tuple(out)

@@ -84,6 +84,43 @@ def split_by_passage(items: Sequence[Reading], every: int = 5) -> tuple[list[Rea
   return ([x for x, h in zip(items, held) if not h], [x for x, h in zip(items, held) if h])
 
 
+_FIRST = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines",
+          "Jonas", "Kofi", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa",
+          "Stefan", "Tariq")
+_LAST = ("Abbott", "Brennan", "Castillo", "Dufresne", "Eriksen", "Fontaine", "Galloway",
+         "Hartmann", "Ibarra", "Jansen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor",
+         "Petrov", "Quinlan", "Rinaldi", "Sandoval", "Takahashi")
+_FACTS = {
+    "home town": ("Lisbon", "Krakow", "Nairobi", "Osaka", "Quito", "Tallinn", "Adelaide",
+                  "Marseille", "Winnipeg", "Porto", "Dresden", "Cusco"),
+    "employer": ("Harbor Freight Lines", "Silverleaf Bakery", "Northwind Mills", "Bluegate Labs",
+                 "Orchard Press", "Redstone Mining", "Clearwater Hotels", "Ironbridge Motors"),
+    "favourite colour": ("teal", "crimson", "ochre", "lavender", "olive", "amber", "navy",
+                         "coral"),
+    "dog's name": ("Biscuit", "Pepper", "Maple", "Rocket", "Juniper", "Waffles", "Nugget",
+                   "Clover"),
+}
+
+
+def fact_items(rng: np.random.Generator, count: int) -> list[Reading]:
+  """`count` synthetic notes of three facts about three people (a number, a city, a company, a
+  colour or a name), each with a question about one of them: a long-range question whose answer
+  is a quote, in another format than the pass key's."""
+  items = []
+  for _ in range(count):
+    people = [f"{_FIRST[i]} {_LAST[j]}" for i, j in zip(rng.choice(len(_FIRST), 3, replace=False),
+                                                        rng.choice(len(_LAST), 3, replace=False))]
+    facts = []
+    for person, kind in zip(people, rng.choice(["locker number", *_FACTS], 3, replace=False)):
+      value = (str(int(rng.integers(100, 10_000))) if kind == "locker number"
+               else str(rng.choice(_FACTS[kind])))
+      facts.append((person, str(kind), value))
+    note = " ".join(f"{p}'s {kind} is {value}." for p, kind, value in facts)
+    p, kind, value = facts[int(rng.integers(3))]
+    items.append(Reading(note, f"What is {p}'s {kind}?", (value,), "facts", f"{p}'s {kind} is"))
+  return items
+
+
 SHORT = 512  # the width of passage-only prompts (one compilation for all of them)
 
 
@@ -110,7 +147,8 @@ def _passage(tokenizer, item: Reading) -> np.ndarray:
 
 
 def _question(tokenizer, item: Reading) -> np.ndarray:
-  return _ids(tokenizer, f"\n\nQuestion: {item.question}\nAnswer:")
+  lead = f" {item.lead}" if item.lead else ""
+  return _ids(tokenizer, f"\n\nQuestion: {item.question}\nAnswer:{lead}")
 
 
 def reading_prompt(tokenizer, target: Reading, fillers: Sequence[Reading], *, width: int,
@@ -157,14 +195,16 @@ def _respond(model, params, cfg, tokenizer, prompt_T: np.ndarray, width: int,
 
 def reading_set(model, params, cfg, tokenizer, items: Sequence[Reading], *, length: int,
                 count: int, response_tokens: int, rng: np.random.Generator,
+                fillers: Sequence[Reading] | None = None, check_short: bool = True,
                 max_long_tries: int | None = None, short_answers: dict | None = None,
                 log: Callable[[str], None] = lambda line: None):
   """`(tokens [count, length], weights [count, length], stats)` of long-range questions the model
   answers right (weight 1 on its answer). Targets are drawn from `items` in a random order; the
-  other passages are random items with other passages. Raises ValueError when fewer than `count`
-  are answered within `max_long_tries` long prompts (default 16 x count) or the items run out.
-  `short_answers` (item -> answered with the passage alone) carries the cheap check from one
-  call to the next; `log` hears of every accepted sample.
+  other passages are random `fillers` (default: `items`) with other passages. Raises ValueError
+  when fewer than `count` are answered within `max_long_tries` long prompts (default 16 x count)
+  or the items run out. `check_short` first asks with the passage alone and skips what the model
+  gets wrong there; `short_answers` (item -> answered) carries that check from one call to the
+  next; `log` hears of every accepted sample.
 
   `model`/`cfg` must be the dense model (responses come from the unmodified model).
   """
@@ -180,14 +220,17 @@ def reading_set(model, params, cfg, tokenizer, items: Sequence[Reading], *, leng
     if len(short) > SHORT:
       continue
     stats.short_tried += 1
+    if not check_short:
+      short_answers[target] = True
     if target not in short_answers:
       said = _respond(model, params, cfg, tokenizer, short, SHORT, response_tokens)
       short_answers[target] = answered(tokenizer.decode(said), target.answers)
     if not short_answers[target]:
       continue
     stats.short_answered += 1
-    others = [items[j] for j in rng.permutation(len(items))[:64]
-              if items[j].passage != target.passage]
+    pool = items if fillers is None else fillers
+    others = [pool[j] for j in rng.permutation(len(pool))[:64]
+              if pool[j].passage != target.passage]
     prompt = reading_prompt(tokenizer, target, others, width=width,
                             depth=float(rng.uniform(0.0, 0.5)))
     if prompt is None:
