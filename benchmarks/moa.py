@@ -71,7 +71,7 @@ def plans(args, d: float, wanted: set[str]) -> dict[str, dict]:
   records = {}
   lengths = [str(n) for n in args.lengths]
   if "moa_handmade" in wanted:
-    out = WORK / f"moa_handmade_{d:g}.json"
+    out = WORK / f"moa_handmade_top{args.top}_{d:g}.json"
     records["moa_handmade"] = run(moa_cli(
         "heads-plan", "--heads", rel(WORK / "heads.json"), "--top", str(args.top), "--density",
         str(d), "--lengths", *lengths, "--out", rel(out), *small_blocks(args)), out, args.resume)
@@ -98,7 +98,7 @@ def overrides(name: str, d: float, args) -> list[str]:
     return [plan(name), *small_blocks(args)]
   return {"dense": [],
           "moa": [plan("moa"), *small_blocks(args)],
-          "moa_handmade": [plan("moa_handmade"), *small_blocks(args)],
+          "moa_handmade": [plan(f"moa_handmade_top{args.top}"), *small_blocks(args)],
           "streaming_llm_4": [plan("streaming"), f"model.moa.block_size={args.block}",
                               "model.moa.sink_tokens=4"],
           "streaming_llm_64": [plan("streaming"), "model.moa.block_size=64",
@@ -107,7 +107,8 @@ def overrides(name: str, d: float, args) -> list[str]:
 
 
 def passkey_job(args, name: str, d: float, n: int, scorer: str) -> tuple[list[str], Path]:
-  tag = name if name == "dense" else f"{name}_{d:g}"
+  tag = {"dense": "dense", "moa_handmade": f"moa_handmade_top{args.top}_{d:g}"}.get(
+      name, f"{name}_{d:g}")
   out = WORK / f"passkey_{tag}_{n}_{scorer}.json"
   return [sys.executable, "-m", "kvjax.eval", "--config", CONFIG, "--task", "passkey",
           "--scorer", scorer, "--lengths", str(n), "--depths", *map(str, args.depths),
@@ -194,8 +195,8 @@ def plan_spans(d: float, heads: list[dict], args) -> dict:
   """Per plan at density d: each K/V head's cache size at the longest length, and the sizes
   the plan gives the measured retrieval heads' K/V heads."""
   n, out = max(args.lengths), {}
-  for name in ("moa", "moa_handmade"):
-    path = WORK / f"{name}_{d:g}.json"
+  for name, stem in (("moa", "moa"), ("moa_handmade", f"moa_handmade_top{args.top}")):
+    path = WORK / f"{stem}_{d:g}.json"
     if not path.exists():
       continue
     sizes_LxH = load_plan(path).cache_sizes(n, args.block)
@@ -262,8 +263,8 @@ def main() -> None:
   p.add_argument("--heads-lengths", type=int, nargs="+", default=[1024])
   p.add_argument("--heads-samples", type=int, default=2)
   p.add_argument("--heads-seed", type=int, default=1, help="other prompts than the evaluation's")
-  p.add_argument("--top", type=int, default=10, help="retrieval heads the hand-made plan keeps")
-  p.add_argument("--top-sweep", type=int, nargs="*", default=[20, 30, 45],
+  p.add_argument("--top", type=int, default=20, help="retrieval heads the hand-made plan keeps")
+  p.add_argument("--top-sweep", type=int, nargs="*", default=[10, 20, 30, 45],
                  help="also hand-made plans keeping this many heads, at the first density and "
                       "length (needs dense there)")
   p.add_argument("--block", type=int, default=32, help="MoA block size (StreamingLLM-4's too)")
