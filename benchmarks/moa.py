@@ -147,35 +147,36 @@ def kv_density(name: str, d: float, n: int, args) -> float:
 
 
 def claim_at(d: float, runs: dict, args) -> tuple[dict, dict]:
-  """The claim object at density d (accuracy, interval, McNemar p) and its details."""
-  results = {}
-  for name in METHODS:
-    per_length = [runs.get((name, d if name != "dense" else 1.0, n)) for n in args.lengths]
-    if all(per_length):
-      results[name] = [o for r in per_length for o in outcomes(r["result"]["result"]["records"])]
+  """The claim object at density d (accuracy, interval, McNemar p) and its details, over the
+  lengths at which every method measured at this density was measured."""
+  rd = lambda name: 1.0 if name == "dense" else d
+  present = {name: [n for n in args.lengths if (name, rd(name), n) in runs] for name in METHODS}
+  lengths = [n for n in args.lengths if all(n in ns for ns in present.values() if ns)]
+  results = {name: [o for n in lengths
+                    for o in outcomes(runs[(name, rd(name), n)]["result"]["result"]["records"])]
+             for name, ns in present.items() if ns and lengths}
   keys = {name: [o[:3] for o in rows] for name, rows in results.items()}
   if len({tuple(k) for k in keys.values()}) > 1:
     raise SystemExit(f"methods at density {d} were scored on different prompts")
   correct = {name: [o[3] for o in rows] for name, rows in results.items()}
-  claim = {"density": d, "task": "passkey",
+  claim = {"density": d, "task": "passkey", "lengths": lengths,
            "n": len(next(iter(correct.values()))) if correct else 0,
            "methods": {name: {"accuracy": float(np.mean(c)), "ci95": wilson(sum(c), len(c))}
                        for name, c in correct.items()},
            "mcnemar_p": {f"{a}_vs_{b}": mcnemar(correct[a], correct[b])
                          for a, others in COMPARED.items() for b in others
                          if a in correct and b in correct}}
-  details = {"lengths": args.lengths, "depths": args.depths, "prompts_per_depth": args.samples,
+  details = {"lengths": lengths, "depths": args.depths, "prompts_per_depth": args.samples,
              "methods": {}}
   for name in results:
-    rd = 1.0 if name == "dense" else d
+    rec = {n: runs[(name, rd(name), n)] for n in lengths}
     details["methods"][name] = {
         "overrides": overrides(name, d, args), "scorer": scorer_of(name),
-        "kv_density": {str(n): kv_density(name, d, n, args) for n in args.lengths},
-        "by_length": {str(n): runs[(name, rd, n)]["result"]["result"]["by_length"][str(n)]
-                      for n in args.lengths},
+        "kv_density": {str(n): kv_density(name, d, n, args) for n in lengths},
+        "by_length": {str(n): r["result"]["result"]["by_length"][str(n)] for n, r in rec.items()},
         "by_depth": _by_depth(correct[name], [o[1] for o in results[name]]),
-        "commands": [runs[(name, rd, n)]["command"] for n in args.lengths],
-        "seconds": sum(runs[(name, rd, n)]["result"]["seconds"] for n in args.lengths)}
+        "commands": [r["command"] for r in rec.values()],
+        "seconds": sum(r["result"]["seconds"] for r in rec.values())}
   m = claim["methods"]
   if {"moa", "dense", "streaming_llm_4"} <= set(m):
     details["holds"] = bool(m["moa"]["accuracy"] >= 0.9 * m["dense"]["accuracy"]
@@ -205,6 +206,25 @@ def plan_spans(d: float, heads: list[dict], args) -> dict:
                  "retrieval_heads": [{**h, "query_head_size": int(sizes_LxH[h["layer"],
                                                                            h["head"]])}
                                      for h in heads[:args.top]]}
+  return out
+
+
+def profile_vs_retrieval(args, mass_LxH: np.ndarray, local_blocks: int = 4) -> dict:
+  """Whether the plan's profile finds the retrieval heads: per profiled length, each head's
+  influence on blocks more than `local_blocks` behind the query (what a window drops), against
+  its attention on a planted pass key (Spearman rank correlation, and how many of the top
+  `--top` heads the two rankings share)."""
+  out = {}
+  for path in sorted((WORK / "calibration").glob(f"profile_{args.calibration}_*_b{args.block}.npz")):
+    e_LxHxMxM = np.load(path)["influence"]
+    m = e_LxHxMxM.shape[-1]
+    i, j = np.arange(m)[:, None], np.arange(m)[None, :]
+    far_LxH = (e_LxHxMxM * ((j <= i - local_blocks) & (j > 0))).sum(axis=(2, 3))
+    top = lambda x: set(np.argsort(-x, axis=None)[:args.top].tolist())
+    n = int(path.name.split("_")[2])
+    out[str(n)] = {"spearman": float(stats.spearmanr(mass_LxH.ravel(), far_LxH.ravel())[0]),
+                   "top_shared": len(top(mass_LxH) & top(far_LxH)), "top": args.top,
+                   "far_influence_by_layer": (far_LxH.sum(1) / far_LxH.sum()).tolist()}
   return out
 
 
@@ -310,6 +330,8 @@ def main() -> None:
   if args.top_sweep and ("dense", 1.0, args.lengths[0]) in runs:
     d = args.densities[0]
     summary["top_sweep"] = {f"{d:g}": top_sweep(args, d, runs)}
+  mass_LxH = np.asarray(retrieval_heads(args)["result"]["mass"])
+  summary["profile_vs_retrieval_heads"] = profile_vs_retrieval(args, mass_LxH)
   summary["claim"] = summary["claims"].get("0.5")
   write_json("moa", summary)
   plot(summary)
