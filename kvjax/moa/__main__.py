@@ -4,11 +4,11 @@
       --density 0.5 --lengths 1024 2048 --samples 8 model.moa.block_size=32
   python -m kvjax.moa uniform --config configs/smollm2_135m.yaml --beta 0.5 --out plans/stream.json
   python -m kvjax.moa heads --config configs/smollm2_135m.yaml --lengths 1024 --out heads.json
-  python -m kvjax.moa heads-plan --config configs/smollm2_135m.yaml --heads heads.json --top 10 \\
+  python -m kvjax.moa heads-plan --config configs/smollm2_135m.yaml --heads heads.json --top 20 \\
       --density 0.5 --lengths 1024 2048 --out plans/retrieval_50.json
 
-`plan` profiles attention influence on calibration data the model answers itself (long-range
-questions by default), searches one rule per head under the density budget, validates the
+`plan` profiles attention influence on calibration data the model answers itself (questions on
+fact notes planted early in a long context by default), searches one rule per head under the density budget, validates the
 candidates and writes the best as the authors' JSON (plus `<out>.report.json`). `uniform` writes
 one rule for every head (the StreamingLLM baseline: alpha 0, beta = density). `heads` measures,
 in dense attention, how much each head attends to a planted answer while writing it (retrieval
@@ -71,7 +71,7 @@ def parse_args(argv):
     keep = ArgumentParser(prog=prog, description="full span for the top heads")
     keep.add_argument("--config", required=True)
     keep.add_argument("--heads", required=True, help="what `python -m kvjax.moa heads` wrote")
-    keep.add_argument("--top", type=int, default=10, help="query heads whose K/V heads keep all")
+    keep.add_argument("--top", type=int, default=20, help="query heads whose K/V heads keep all")
     keep.add_argument("--density", type=float, default=0.5)
     keep.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
                       help="final lengths at which the density must hold")
