@@ -7,9 +7,9 @@
   python -m kvjax.moa heads-plan --config configs/smollm2_135m.yaml --heads heads.json --top 20 \\
       --density 0.5 --lengths 1024 2048 --out plans/retrieval_50.json
 
-`plan` profiles attention influence on calibration data the model answers itself (questions on
-fact notes planted early in a long context by default), searches one rule per head under the density budget, validates the
-candidates and writes the best as the authors' JSON (plus `<out>.report.json`). `uniform` writes
+`plan` profiles attention influence on calibration data the model answers itself (by default,
+questions on fact notes planted early in a long context), searches one rule per head under the
+density budget, validates the candidates and writes the best as the authors' JSON (plus `<out>.report.json`). `uniform` writes
 one rule for every head (the StreamingLLM baseline: alpha 0, beta = density). `heads` measures,
 in dense attention, how much each head attends to a planted answer while writing it (retrieval
 heads); `heads-plan` writes the hand-made plan that gives the top heads' K/V heads full span and
