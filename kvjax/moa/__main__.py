@@ -13,7 +13,8 @@ density budget, validates the candidates and writes the best as the authors' JSO
 `<out>.report.json`). `uniform` writes one rule for every head (the StreamingLLM baseline: alpha
 0, beta = density). `heads` measures, in dense attention, how much each head attends to a planted
 answer while writing it (retrieval heads); `heads-plan` writes the hand-made plan that gives the
-top heads' K/V heads full span and every other head one shorter window. Use a plan with `model.moa.plan=PATH`.
+top heads' K/V heads full span and every other head one shorter window. Use a plan with
+`model.moa.plan=PATH`.
 """
 
 from __future__ import annotations
