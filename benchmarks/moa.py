@@ -215,7 +215,8 @@ def profile_vs_retrieval(args, mass_LxH: np.ndarray, local_blocks: int = 4) -> d
   its attention on a planted pass key (Spearman rank correlation, and how many of the top
   `--top` heads the two rankings share)."""
   out = {}
-  for path in sorted((WORK / "calibration").glob(f"profile_{args.calibration}_*_b{args.block}.npz")):
+  pattern = f"profile_{args.calibration}_*_b{args.block}.npz"
+  for path in sorted((WORK / "calibration").glob(pattern)):
     e_LxHxMxM = np.load(path)["influence"]
     m = e_LxHxMxM.shape[-1]
     i, j = np.arange(m)[:, None], np.arange(m)[None, :]
