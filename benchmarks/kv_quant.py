@@ -16,10 +16,6 @@ Per method:
 - decode: `decode.py`'s throughput test (KV bytes per token read off the cache after prefill,
   decode tokens/s); the largest batch whose cache fits `--budget-mib` follows from the bytes
   per sequence of that request.
-- side_by_side: the same request timed for every method in this one process, the methods
-  interleaved round by round (`--rounds`) after one compiling run each, so that a machine's
-  changing load falls on all of them alike; the median round's decode and prefill seconds, and
-  ratios to the bfloat16 dense cache.
 `--resume` reuses every result already in benchmarks/results/kv_quant/ for the same command.
 Results: benchmarks/results/kv_quant_<device>.json and .png.
 """
@@ -43,12 +39,11 @@ import kvjax
 from benchmarks.common import RESULTS, run, save_plot, saved_record, wilson, write_json
 from kvjax.data.corpus import load_documents, split_documents
 from kvjax.decode import decode_step, init_cache, prefill_cache
-from kvjax.decode.throughput import timed_generation
 from kvjax.io import load_weights, tokenizer_for
 
 CONFIG = "configs/smollm2_135m.yaml"
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("perplexity", "passkey", "decode", "side_by_side")
+TASKS = ("perplexity", "passkey", "decode")
 WORK = RESULTS / "kv_quant"
 SELECTIONS = ("dense", "moa50", "h2o50")
 
@@ -165,36 +160,6 @@ def paired_ratio(nll_W, base_nll_W, tokens: int) -> dict:
           "high": math.exp(diff_W.mean() + half)}
 
 
-def side_by_side(args, names: dict[str, list[str]]) -> dict:
-  """Decode and prefill tokens/s of every method, timed round-robin in this process."""
-  base = kvjax.load_config(ROOT / CONFIG)
-  params = load_weights(base.model)
-  prompts_BxT = jax.random.randint(jax.random.key(0), (args.decode_batch, args.decode_prompt), 0,
-                                   256, jnp.int32)
-  runs = {}
-  for name, overrides in names.items():
-    cfg = kvjax.load_config(ROOT / CONFIG, overrides).model
-    runs[name] = (kvjax.build_model(cfg), cfg)
-    timed_generation(runs[name][0], params, cfg, prompts_BxT, gen_len=args.decode_gen)  # compiles
-  times = {name: [] for name in names}
-  for _ in range(args.rounds):
-    for name, (model, cfg) in runs.items():
-      t = timed_generation(model, params, cfg, prompts_BxT, gen_len=args.decode_gen)
-      times[name].append((t.prefill_s, t.decode_s))
-  steps, out = args.decode_gen - 1, {}
-  for name, rounds in times.items():
-    prefill_s, decode_s = np.median(np.asarray(rounds), axis=0)
-    out[name] = {"decode_tokens_per_s": args.decode_batch * steps / decode_s,
-                 "prefill_tokens_per_s": args.decode_batch * args.decode_prompt / prefill_s,
-                 "decode_s_by_round": [r[1] for r in rounds]}
-  first = out.get("dense/none") or next(iter(out.values()))
-  for row in out.values():
-    row["decode_ratio_to_dense_bf16"] = row["decode_tokens_per_s"] / first["decode_tokens_per_s"]
-  return {"batch": args.decode_batch, "prompt_len": args.decode_prompt,
-          "gen_len": args.decode_gen, "rounds": args.rounds, "device": jax.devices()[0].device_kind,
-          "methods": out}
-
-
 # ---------------------------------------------------------------------------------------------
 # Passkey and decode, through the CLIs.
 
@@ -306,7 +271,6 @@ def main() -> None:
   p.add_argument("--decode-batch", type=int, default=8)
   p.add_argument("--decode-prompt", type=int, default=512)
   p.add_argument("--decode-gen", type=int, default=32)
-  p.add_argument("--rounds", type=int, default=3, help="side_by_side: timed rounds per method")
   p.add_argument("--budget-mib", type=float, default=256.0,
                  help="cache budget for the largest batch of decode.py's request shape")
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -319,11 +283,7 @@ def main() -> None:
   if not ppl and args.resume:
     path = WORK / f"perplexity_{args.windows}x{args.window}.json"
     ppl = json.loads(path.read_text()) if path.exists() else {}
-  timing_path = WORK / "side_by_side.json"
-  if "side_by_side" in args.tasks:
-    timing_path.write_text(json.dumps(side_by_side(args, names), indent=2))
-  timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
-  summary = {"config": CONFIG, "args": vars(args), "methods": {}, "side_by_side": timing}
+  summary = {"config": CONFIG, "args": vars(args), "methods": {}}
   for name, overrides in names.items():
     cli = cli_results(args, name, overrides)
     base = ppl.get(f"{name.split('/')[0]}/none")
