@@ -147,14 +147,17 @@ def kv_density(name: str, d: float, n: int, args) -> float:
 
 
 def claim_at(d: float, runs: dict, args) -> tuple[dict, dict]:
-  """The claim object at density d (accuracy, interval, McNemar p) and its details, over the
-  lengths at which every method measured at this density was measured."""
+  """The claim object at density d (accuracy, interval, McNemar p) and its details: over every
+  length dense was measured at, with the methods measured at all of them, or, where MoA was not,
+  over the lengths every method measured here shares."""
   rd = lambda name: 1.0 if name == "dense" else d
   present = {name: [n for n in args.lengths if (name, rd(name), n) in runs] for name in METHODS}
-  lengths = [n for n in args.lengths if all(n in ns for ns in present.values() if ns)]
+  lengths = present["dense"]
+  if len(present["moa"]) < len(lengths):  # the claim's method decides: fewer lengths, all methods
+    lengths = [n for n in args.lengths if all(n in ns for ns in present.values() if ns)]
   results = {name: [o for n in lengths
                     for o in outcomes(runs[(name, rd(name), n)]["result"]["result"]["records"])]
-             for name, ns in present.items() if ns and lengths}
+             for name, ns in present.items() if lengths and set(lengths) <= set(ns)}
   keys = {name: [o[:3] for o in rows] for name, rows in results.items()}
   if len({tuple(k) for k in keys.values()}) > 1:
     raise SystemExit(f"methods at density {d} were scored on different prompts")
