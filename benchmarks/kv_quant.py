@@ -36,8 +36,7 @@ import numpy as np
 from scipy import stats
 
 import kvjax
-from benchmarks.common import RESULTS, save_plot, write_json
-from benchmarks.moa import run, saved_record
+from benchmarks.common import RESULTS, run, save_plot, saved_record, wilson, write_json
 from kvjax.data.corpus import load_documents, split_documents
 from kvjax.decode import decode_step, init_cache, prefill_cache
 from kvjax.io import load_weights, tokenizer_for
@@ -163,13 +162,6 @@ def paired_ratio(nll_W, base_nll_W, tokens: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Passkey and decode, through the CLIs.
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-  p = k / n
-  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return centre - half, centre + half
 
 
 def commands(args) -> dict[str, list[str]]:

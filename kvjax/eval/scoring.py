@@ -58,24 +58,28 @@ class SpanScore:
   greedy: bool  # every token of the span is the model's argmax given the true prefix
 
 
-def _bucket(n: int, minimum: int = 32) -> int:
-  """Padded length: the next power of two, so few shapes compile."""
-  return max(minimum, 1 << (n - 1).bit_length())
+def _bucket(n: int, minimum: int = 32, step: int = 256) -> int:
+  """Padded length: the next power of two up to `step`, then the next multiple of `step`, so few
+  shapes compile and a long sequence is padded by less than `step`."""
+  if n <= step:
+    return max(minimum, 1 << (n - 1).bit_length())
+  return -(-n // step) * step
 
 
 def score_spans(logits_fn: LogitsFn, sequences: Sequence[np.ndarray],
                 spans: Sequence[Sequence[tuple[int, int]]], *, pad_id: int = 0,
-                batch_tokens: int = 4096) -> list[list[SpanScore]]:
+                batch_tokens: int = 4096, step: int = 256) -> list[list[SpanScore]]:
   """Scores token spans `[start, end)` (start >= 1) of every sequence.
 
-  Sequences are sorted by length, right-padded to power-of-two widths and batched up to
-  `batch_tokens` tokens per call; padding never affects real tokens (causal attention).
+  Sequences are sorted by length, right-padded to a few widths (`_bucket` with `step`) and
+  batched up to `batch_tokens` tokens per call; padding never affects real tokens (causal
+  attention).
   """
   order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
   results: list[list[SpanScore]] = [[] for _ in sequences]
   i = 0
   while i < len(order):
-    width = _bucket(len(sequences[order[i]]))
+    width = _bucket(len(sequences[order[i]]), step=step)
     rows = max(1, batch_tokens // width)
     group = [j for j in order[i:i + rows] if len(sequences[j]) <= width]
     tokens_BxT = np.full((rows, width), pad_id, np.int32)  # fixed rows: one shape per width

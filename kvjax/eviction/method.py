@@ -28,4 +28,5 @@ METHOD = Method(
     tag=lambda cfg: f"{cfg.eviction.policy}@{cfg.eviction.keep_ratio:g}",
     models=("llama", "block_transformer"),
     scan_why="its prefill buffers and compacted caches are per layer (unroll the layers)",
-    shards_kv_heads=False, layouts=_layouts, kernel=lambda cfg: ("flat", TABLE_BLOCK))
+    shards_kv_heads=False, layouts=_layouts, kernel=lambda cfg: ("flat", TABLE_BLOCK),
+    sequence_why="it evicts after a dense prefill, so a forward pass attends to every token")

@@ -1,19 +1,27 @@
 """Build MoA plans for a kvjax model.
 
   python -m kvjax.moa plan --config configs/smollm2_135m.yaml --out plans/smollm2_50.json \\
-      --density 0.5 --lengths 512 1024 --samples 4
+      --density 0.5 --lengths 1024 2048 --samples 8 model.moa.block_size=32
   python -m kvjax.moa uniform --config configs/smollm2_135m.yaml --beta 0.5 --out plans/stream.json
+  python -m kvjax.moa heads --config configs/smollm2_135m.yaml --lengths 1024 --out heads.json
+  python -m kvjax.moa heads-plan --config configs/smollm2_135m.yaml --heads heads.json --top 20 \\
+      --density 0.5 --lengths 1024 2048 --out plans/retrieval_50.json
 
-`plan` profiles attention influence on calibration data the model writes itself, searches one
-rule per head under the density budget, validates the candidates and writes the best as the
-authors' JSON (plus `<out>.report.json`). `uniform` writes one rule for every head (the
-StreamingLLM baseline: alpha 0, beta = density). Use a plan with `model.moa.plan=PATH`.
+`plan` profiles attention influence on calibration data the model answers itself (by default,
+questions on fact notes planted early in a long context), searches one rule per head under the
+density budget, validates the candidates and writes the best as the authors' JSON (plus
+`<out>.report.json`). `uniform` writes one rule for every head (the StreamingLLM baseline: alpha
+0, beta = density). `heads` measures, in dense attention, how much each head attends to a planted
+answer while writing it (retrieval heads); `heads-plan` writes the hand-made plan that gives the
+top heads' K/V heads full span and every other head one shorter window. Use a plan with
+`model.moa.plan=PATH`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -26,9 +34,16 @@ from tqdm import tqdm
 import kvjax
 from kvjax.cli import (ArgumentParser, UsageError, add_config_args, check_output, load_params,
                        seed, usage_errors)
+from kvjax.eval import synthetic
+from kvjax.eval.long_context import answer_sequence
+from kvjax.io import tokenizer_for
+from kvjax.moa.heads import keep_heads_plan, planted_span, ranked, span_attention
 from kvjax.moa.plan import uniform_plan
 
-COMMANDS = ("plan", "uniform")
+PLANTED = {"passkey": synthetic.passkey, "lines": synthetic.lines}
+
+COMMANDS = ("plan", "uniform", "heads", "heads-plan")
+CALIBRATIONS = ("facts", "reading", "summary")
 MAX_GRID_POINTS = 10_000  # the search tries every rule on every head: more is a typo
 
 
@@ -40,6 +55,30 @@ def parse_args(argv):
                    formatter_class=argparse.RawDescriptionHelpFormatter).error(
         f"the first argument must be one of {', '.join(COMMANDS)}")
   prog = f"python -m kvjax.moa {command}"
+  if command == "heads":
+    heads = ArgumentParser(prog=prog, description="attention on a planted answer")
+    heads.add_argument("--config", required=True)
+    heads.add_argument("--checkpoint", help="training workdir (else model.weights)")
+    heads.add_argument("--out", required=True, help="JSON to write")
+    heads.add_argument("--task", choices=tuple(PLANTED), default="passkey")
+    heads.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    heads.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    heads.add_argument("--samples", type=int, default=2, help="prompts per length and depth")
+    heads.add_argument("--top", type=int, default=10, help="heads to print")
+    heads.add_argument("--seed", type=int, default=0)
+    add_config_args(heads)
+    return argparse.Namespace(command=command, **vars(heads.parse_intermixed_args(argv[1:])))
+  if command == "heads-plan":
+    keep = ArgumentParser(prog=prog, description="full span for the top heads")
+    keep.add_argument("--config", required=True)
+    keep.add_argument("--heads", required=True, help="what `python -m kvjax.moa heads` wrote")
+    keep.add_argument("--top", type=int, default=20, help="query heads whose K/V heads keep all")
+    keep.add_argument("--density", type=float, default=0.5)
+    keep.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
+                      help="final lengths at which the density must hold")
+    keep.add_argument("--out", required=True)
+    add_config_args(keep)
+    return argparse.Namespace(command=command, **vars(keep.parse_intermixed_args(argv[1:])))
   if command == "uniform":
     uni = ArgumentParser(prog=prog, description="one rule for every head")
     uni.add_argument("--config", required=True)
@@ -62,6 +101,12 @@ def parse_args(argv):
   plan.add_argument("--betas", type=float, nargs=3, default=[0, 1, 0.125],
                     metavar=("FIRST", "LAST", "STEP"))
   plan.add_argument("--max-rules", type=int, default=2, help="distinct rules per layer")
+  plan.add_argument("--calibration", choices=CALIBRATIONS, default="facts",
+                    help="facts: questions on a note of facts planted early among reading "
+                         "passages; reading: questions on an early reading passage; summary: the "
+                         "model summarises (or continues) a corpus passage")
+  plan.add_argument("--work", help="directory that keeps each length's calibration data and "
+                                   "profile, so that a rerun with the same arguments resumes")
   plan.add_argument("--seed", type=seed, default=0)
   add_config_args(plan)
   return argparse.Namespace(command=command, **vars(plan.parse_intermixed_args(argv[1:])))
@@ -78,6 +123,7 @@ def grid(first: float, last: float, step: float) -> np.ndarray:
 
 def check_plan_args(args, cfg) -> None:
   check_output("--out", args.out)
+  check_output("--work", args.work, directory=True)
   if not 0.0 < args.density <= 1.0:
     raise UsageError(f"--density must be in (0, 1], got {args.density}")
   for name in ("samples", "val_samples", "response_tokens", "max_rules"):
@@ -105,29 +151,83 @@ def check_plan_args(args, cfg) -> None:
                      "influence is measured per layer); write a plan by hand or with `uniform`")
 
 
+def calibration_data(args, cfg, model, params, tokenizer, n: int, rng, short_answers: dict):
+  """`(train, validation)` at length `n`, each `(tokens, weights)`: what `--calibration` names,
+  with the dense model's own responses."""
+  from kvjax.moa import calibration  # noqa: PLC0415
+
+  sizes = {"train": args.samples, "validation": args.val_samples}
+  if args.calibration == "summary":
+    from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
+    docs = dict(zip(sizes, split_documents(load_documents(cfg.data.source),
+                                            cfg.data.val_fraction)))
+    return tuple(calibration.calibration_set(
+        model, params, model.cfg, tokenizer, docs[part], length=n, count=count,
+        response_tokens=args.response_tokens, rng=rng) for part, count in sizes.items())
+  from kvjax.eval.reading import load_reading  # noqa: PLC0415
+  passages = dict(zip(sizes, calibration.split_by_passage(load_reading())))
+  out = []
+  for part, count in sizes.items():
+    facts = args.calibration == "facts"
+    items = calibration.fact_items(rng, 64 * count) if facts else passages[part]
+    tokens, weights, stats = calibration.reading_set(
+        model, params, model.cfg, tokenizer, items, length=n, count=count,
+        response_tokens=args.response_tokens, rng=rng, fillers=passages[part],
+        check_short=not facts, short_answers=short_answers, log=tqdm.write)
+    tqdm.write(f"length {n} {part}: {stats}")
+    out.append((tokens, weights))
+  return tuple(out)
+
+
+def _saved(path: Path | None, make) -> dict:
+  """The arrays at `path` if a run left them there, else `make()`'s, written atomically."""
+  if path and path.exists():
+    return dict(np.load(path))
+  arrays = make()
+  if path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)
+  return arrays
+
+
+def profiled(args, cfg, model, params, tokenizer, n: int, short_answers: dict):
+  """`(influence [L, H, M, M], validation)` at length `n`. With `--work`, the calibration data
+  and the profile are kept there as soon as each exists, so a rerun resumes after either."""
+  from kvjax.moa.pipeline import mean_influence  # noqa: PLC0415
+
+  model_key = json.dumps([args.config, args.checkpoint,
+                          sorted(o for o in args.overrides if not o.startswith("model.moa."))])
+  key = (f"{args.calibration}_{n}_{args.samples}_{args.val_samples}_{args.response_tokens}_"
+         f"{args.seed}_{hashlib.sha256(model_key.encode()).hexdigest()[:8]}")
+  work = Path(args.work) if args.work else None
+
+  def data():
+    tqdm.write(f"length {n}: {args.samples} + {args.val_samples} {args.calibration} samples")
+    rng = np.random.default_rng([args.seed, n])  # per length: a resumed length draws the same
+    (tokens, weights), (val_tokens, val_weights) = calibration_data(
+        args, cfg, model, params, tokenizer, n, rng, short_answers)
+    return {"tokens": tokens, "weights": weights, "val_tokens": val_tokens,
+            "val_weights": val_weights}
+
+  samples = _saved(work and work / f"data_{key}.npz", data)
+  block = model.cfg.moa.block_size
+  profile = _saved(work and work / f"profile_{key}_b{block}.npz", lambda: {
+      "influence": mean_influence(model, params, samples["tokens"], samples["weights"],
+                                  block=block, progress=lambda it: tqdm(it, desc=f"profile {n}"))})
+  return profile["influence"], (samples["val_tokens"], samples["val_weights"])
+
+
 def run_plan(args, cfg) -> None:
-  from kvjax.data.corpus import load_documents, split_documents  # noqa: PLC0415
-  from kvjax.io import tokenizer_for  # noqa: PLC0415
-  from kvjax.moa.calibration import calibration_set  # noqa: PLC0415
-  from kvjax.moa.pipeline import mean_influence, search_plan  # noqa: PLC0415
+  from kvjax.moa.pipeline import search_plan  # noqa: PLC0415
 
   start = time.perf_counter()
-  # Profiling and responses run dense.
-  mcfg = dataclasses.replace(cfg.model, moa=dataclasses.replace(cfg.model.moa, plan=""))
-  model, params = kvjax.build_model(mcfg), load_params(cfg, args.checkpoint)
+  model, params = kvjax.build_model(dense_config(cfg)), load_params(cfg, args.checkpoint)
   tokenizer = tokenizer_for(cfg)
-  train_docs, val_docs = split_documents(load_documents(cfg.data.source), cfg.data.val_fraction)
-  rng = np.random.default_rng(args.seed)
-  influence, validation = {}, {}
+  influence, validation, short_answers = {}, {}, {}
   for n in args.lengths:
-    tqdm.write(f"length {n}: generating {args.samples} + {args.val_samples} responses")
-    data = calibration_set(model, params, mcfg, tokenizer, train_docs, length=n,
-                           count=args.samples, response_tokens=args.response_tokens, rng=rng)
-    validation[n] = calibration_set(model, params, mcfg, tokenizer, val_docs, length=n,
-                                    count=args.val_samples,
-                                    response_tokens=args.response_tokens, rng=rng)
-    influence[n] = mean_influence(model, params, *data, block=mcfg.moa.block_size,
-                                  progress=lambda it, n=n: tqdm(it, desc=f"profile {n}"))
+    influence[n], validation[n] = profiled(args, cfg, model, params, tokenizer, n, short_answers)
   plan, records = search_plan(model, params, influence, validation, budget=args.density,
                               alphas=grid(*args.alphas), betas=grid(*args.betas),
                               max_rules=args.max_rules,
@@ -137,6 +237,7 @@ def run_plan(args, cfg) -> None:
   plan.save(out)
   report = {"config": args.config, "overrides": args.overrides, "density": args.density,
             "lengths": args.lengths, "samples": args.samples, "val_samples": args.val_samples,
+            "calibration": args.calibration,
             "seconds": time.perf_counter() - start,
             "candidates": [{**{k: v for k, v in r.items() if k != "plan"},
                             "chosen": r["plan"] == plan} for r in records]}
@@ -145,6 +246,75 @@ def run_plan(args, cfg) -> None:
   print(f"wrote {out}: validation loss {best['validation_loss']:.4f}, density "
         + ", ".join(f"{n}: {d:.3f}" for n, d in best["density"].items())
         + f" ({len(records)} candidates, {report['seconds']:.0f} s)")
+
+
+def dense_config(cfg):
+  """The model config without a plan: profiling, responses and head measurements run dense."""
+  return dataclasses.replace(cfg.model, moa=dataclasses.replace(cfg.model.moa, plan=""))
+
+
+def run_heads(args, cfg) -> None:
+  if args.samples < 1 or args.top < 1:
+    raise UsageError(f"--samples and --top must be >= 1, got {args.samples} and {args.top}")
+  if any(n < 64 or n > cfg.model.max_seq_len - 16 for n in args.lengths):
+    raise UsageError(f"--lengths must be in [64, model.max_seq_len - 16 = "
+                     f"{cfg.model.max_seq_len - 16}], got {args.lengths}")
+  if not all(0.0 <= d <= 1.0 for d in args.depths):
+    raise UsageError(f"--depths must be in [0, 1], got {args.depths}")
+  if not (cfg.model.weights or args.checkpoint):
+    raise UsageError("nothing to measure: set model.weights or give --checkpoint")
+  start = time.perf_counter()
+  model, params = kvjax.build_model(dense_config(cfg)), load_params(cfg, args.checkpoint)
+  tokenizer = tokenizer_for(cfg)
+  rng = np.random.default_rng(args.seed)
+  samples = [PLANTED[args.task](tokenizer, rng, n, d)
+             for n in args.lengths for d in args.depths for _ in range(args.samples)]
+  mass_SxLxH = []
+  for sample in tqdm(samples, desc="heads"):
+    sequence, answer = answer_sequence(tokenizer, sample)
+    keys_T, queries_T = planted_span(sequence, answer)
+    mass_SxLxH.append(np.asarray(span_attention(model, params, sequence[None], keys_T[None],
+                                                queries_T[None]))[:, 0])
+  mass_LxH = np.mean(mass_SxLxH, axis=0)
+  heads = ranked(mass_LxH)
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(json.dumps({
+      "config": args.config, "overrides": args.overrides, "task": args.task,
+      "lengths": args.lengths, "depths": args.depths, "samples": args.samples, "seed": args.seed,
+      "seconds": time.perf_counter() - start, "mass": mass_LxH.tolist(), "ranked": heads},
+      indent=2))
+  print(f"wrote {args.out}: attention on the planted answer, top {args.top}: "
+        + ", ".join(f"L{h['layer']}H{h['head']} {h['mass']:.2f}" for h in heads[:args.top]))
+
+
+def run_heads_plan(args, cfg) -> None:
+  if not 0.0 < args.density <= 1.0:
+    raise UsageError(f"--density must be in (0, 1], got {args.density}")
+  if not Path(args.heads).is_file():
+    raise UsageError(f"--heads {args.heads}: no such file (write it with "
+                     f"`python -m kvjax.moa heads`)")
+  mass_LxH = np.asarray(json.loads(Path(args.heads).read_text())["mass"])
+  shape = (cfg.model.num_layers, cfg.model.num_heads)
+  if mass_LxH.shape != shape:
+    raise UsageError(f"--heads {args.heads} measures {mass_LxH.shape} (layers, heads), the model "
+                     f"has {shape}")
+  if not 1 <= args.top <= mass_LxH.size:
+    raise UsageError(f"--top must be in [1, {mass_LxH.size}], got {args.top}")
+  keep = [(h["layer"], h["head"]) for h in ranked(mass_LxH)[:args.top]]
+  block = cfg.model.moa.block_size
+  try:
+    plan = keep_heads_plan(keep, num_layers=shape[0], num_heads=shape[1],
+                           num_kv_heads=cfg.model.num_kv_heads, budget=args.density,
+                           lengths=args.lengths, block=block)
+  except ValueError as e:
+    raise UsageError(f"{e} (--top, --density)") from None
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  plan.save(args.out)
+  full = sum(b == 1.0 for row in plan.betas for b in row) // (shape[1] // cfg.model.num_kv_heads)
+  rest = min(b for row in plan.betas for b in row)
+  print(f"wrote {args.out}: {full} of {shape[0] * cfg.model.num_kv_heads} K/V heads full, the "
+        f"rest beta {rest:g}; density " + ", ".join(
+            f"{n}: {plan.kv_density(n, block, cfg.model.num_kv_heads):.3f}" for n in args.lengths))
 
 
 def main(argv=None) -> None:
@@ -159,6 +329,12 @@ def main(argv=None) -> None:
       Path(args.out).parent.mkdir(parents=True, exist_ok=True)
       plan.save(args.out)
       print(f"wrote {args.out}")
+      return
+    if args.command == "heads":
+      run_heads(args, cfg)
+      return
+    if args.command == "heads-plan":
+      run_heads_plan(args, cfg)
       return
     check_plan_args(args, cfg)
     run_plan(args, cfg)

@@ -43,6 +43,14 @@ class Plan:
     span = np.floor(np.asarray(self.alphas) + np.asarray(self.betas) * n).astype(np.int64)
     return cache_size(span, n, block)
 
+  def kv_density(self, n: int, block: int, num_kv_heads: int) -> float:
+    """Decode-cache slots over dense slots at final length `n`: each K/V head holds the largest
+    size among its query heads."""
+    sizes_LxH = self.cache_sizes(n, block)
+    layers, heads = sizes_LxH.shape
+    kv_LxK = sizes_LxH.reshape(layers, num_kv_heads, heads // num_kv_heads).max(axis=2)
+    return float(kv_LxK.mean() / n)
+
   def check(self, cfg: ModelConfig, where: str = "model.moa.plan") -> None:
     """Raises ConfigError unless the plan has one rule per layer and query head of `cfg`."""
     layers, heads = self.shape

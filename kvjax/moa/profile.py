@@ -41,14 +41,20 @@ def _split_heads(q_BxTxHxD, kv_heads):
   return q_BxTxHxD.reshape(b, t, kv_heads, h // kv_heads, d)
 
 
+def causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD):
+  """Causal attention over one whole sequence from position 0: `(out_BxTxHxD, probs_BxKxGxTxT)`,
+  the probabilities in float32."""
+  probs = _probs(_split_heads(q_BxTxHxD, k_BxTxKxD.shape[2]), k_BxTxKxD)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxTxKxD.dtype), v_BxTxKxD)
+  return out.reshape(q_BxTxHxD.shape), probs
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def influence_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, probe_BxHxMxM, block: int):
   """Causal attention (positions 0..T-1, T a multiple of `block`); the gradient w.r.t.
   `probe_BxHxMxM` (any values: it does not enter the output) is the block-summed |E|."""
   del probe_BxHxMxM, block
-  probs = _probs(_split_heads(q_BxTxHxD, k_BxTxKxD.shape[2]), k_BxTxKxD)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v_BxTxKxD.dtype), v_BxTxKxD)
-  return out.reshape(q_BxTxHxD.shape)
+  return causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD)[0]
 
 
 def _fwd(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, probe_BxHxMxM, block):
