@@ -62,6 +62,12 @@ def retrieval_heads(args) -> dict:
              out, args.resume)
 
 
+def plan_stem(name: str, args) -> str:
+  """A plan file's stem (before `_<density>.json`): the hand-made plan is named by its head
+  count, as the sweep's are."""
+  return f"moa_handmade_top{args.top}" if name == "moa_handmade" else name
+
+
 def small_blocks(args) -> list[str]:
   return [f"model.moa.block_size={args.block}", f"model.moa.sink_tokens={args.sink}"]
 
@@ -71,7 +77,7 @@ def plans(args, d: float, wanted: set[str]) -> dict[str, dict]:
   records = {}
   lengths = [str(n) for n in args.lengths]
   if "moa_handmade" in wanted:
-    out = WORK / f"moa_handmade_top{args.top}_{d:g}.json"
+    out = WORK / f"{plan_stem('moa_handmade', args)}_{d:g}.json"
     records["moa_handmade"] = run(moa_cli(
         "heads-plan", "--heads", rel(WORK / "heads.json"), "--top", str(args.top), "--density",
         str(d), "--lengths", *lengths, "--out", rel(out), *small_blocks(args)), out, args.resume)
@@ -94,11 +100,9 @@ def plans(args, d: float, wanted: set[str]) -> dict[str, dict]:
 
 def overrides(name: str, d: float, args) -> list[str]:
   plan = lambda stem: f"model.moa.plan={rel(WORK / f'{stem}_{d:g}.json')}"
-  if name.startswith("moa_handmade_top"):  # the top-K sweep's plans
-    return [plan(name), *small_blocks(args)]
+  if name.startswith("moa"):  # searched, hand-made and the sweep's plans
+    return [plan(plan_stem(name, args)), *small_blocks(args)]
   return {"dense": [],
-          "moa": [plan("moa"), *small_blocks(args)],
-          "moa_handmade": [plan(f"moa_handmade_top{args.top}"), *small_blocks(args)],
           "streaming_llm_4": [plan("streaming"), f"model.moa.block_size={args.block}",
                               "model.moa.sink_tokens=4"],
           "streaming_llm_64": [plan("streaming"), "model.moa.block_size=64",
@@ -107,8 +111,7 @@ def overrides(name: str, d: float, args) -> list[str]:
 
 
 def passkey_job(args, name: str, d: float, n: int, scorer: str) -> tuple[list[str], Path]:
-  tag = {"dense": "dense", "moa_handmade": f"moa_handmade_top{args.top}_{d:g}"}.get(
-      name, f"{name}_{d:g}")
+  tag = "dense" if name == "dense" else f"{plan_stem(name, args)}_{d:g}"
   out = WORK / f"passkey_{tag}_{n}_{scorer}.json"
   return [sys.executable, "-m", "kvjax.eval", "--config", CONFIG, "--task", "passkey",
           "--scorer", scorer, "--lengths", str(n), "--depths", *map(str, args.depths),
@@ -199,8 +202,8 @@ def plan_spans(d: float, heads: list[dict], args) -> dict:
   """Per plan at density d: each K/V head's cache size at the longest length, and the sizes
   the plan gives the measured retrieval heads' K/V heads."""
   n, out = max(args.lengths), {}
-  for name, stem in (("moa", "moa"), ("moa_handmade", f"moa_handmade_top{args.top}")):
-    path = WORK / f"{stem}_{d:g}.json"
+  for name in ("moa", "moa_handmade"):
+    path = WORK / f"{plan_stem(name, args)}_{d:g}.json"
     if not path.exists():
       continue
     sizes_LxH = load_plan(path).cache_sizes(n, args.block)
