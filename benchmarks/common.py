@@ -42,7 +42,11 @@ def save_plot(fig, name: str) -> Path:
 
 
 def _with_out(cmd: list[str], out: Path | None) -> list[str]:
-  return [*cmd, "--json", str(out)] if out is not None and "--out" not in cmd else cmd
+  """`cmd` told to write `out`, named relative to the repository (the commands run there), so
+  that a record made in one checkout is found again in another."""
+  if out is None or "--out" in cmd:
+    return cmd
+  return [*cmd, "--json", str(out.relative_to(ROOT))]
 
 
 def _saved(out: Path) -> Path:
