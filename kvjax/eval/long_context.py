@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from kvjax.config import ModelConfig
+from kvjax.data.tokenizers import encode_prompt
 from kvjax.decode import generate, init_cache
 from kvjax.eval.scoring import LogitsFn, score_spans
 from kvjax.eval.synthetic import RecallSample, Sample
@@ -66,8 +67,7 @@ def generate_answers(model: nn.Module, params, cfg: ModelConfig, tokenizer,
 
 def answer_sequence(tokenizer, sample: Sample) -> tuple[np.ndarray, tuple[int, int]]:
   """The prompt as generation reads it, then the answer (after a space); and the answer's span."""
-  bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", False) else []
-  prompt = np.concatenate([np.asarray(bos, np.int32), tokenizer.encode(sample.prompt)])
+  prompt = encode_prompt(tokenizer, sample.prompt)
   answer = tokenizer.encode(f" {sample.answer}")
   return (np.concatenate([prompt, answer]).astype(np.int32),
           (len(prompt), len(prompt) + len(answer)))
