@@ -11,11 +11,17 @@ Per method:
   at a time, so every prediction of that half reads the method's compressed, quantized cache.
   Measured in this process; per-window losses are kept, and each ratio to the bfloat16 cache
   of the same selection has a 95% interval paired over windows.
-- passkey: `python -m kvjax.eval --task passkey` at 1k and 2k tokens, 8 seeded samples at each
-  of 5 depths (40 prompts per length, the same for every method); Wilson 95% intervals.
-- decode: `decode.py`'s throughput test (KV bytes per token read off the cache after prefill,
-  decode tokens/s); the largest batch whose cache fits `--budget-mib` follows from the bytes
-  per sequence of that request.
+- passkey: `python -m kvjax.eval --task passkey --scorer generate` at 1k and 2k tokens, 8 seeded
+  samples at each of 5 depths (40 prompts per length, the same for every method); the answer is
+  generated through the method's cache, since a forward pass would read unquantized K/V and a
+  dense prefill; Wilson 95% intervals.
+- decode: `decode.py`'s throughput test, for the KV bytes per token read off the cache after
+  prefill and the method tag; the largest batch whose cache fits `--budget-mib` follows from
+  the bytes per sequence of that request.
+- speed: decode and prefill tokens/s of every method timed side by side in this process, the
+  same request as decode.py, `--rounds` rounds with the methods in turn (so drift and a shared
+  machine hit each alike); the median, and each method's ratio to the bfloat16 cache of its
+  selection taken round by round.
 `--resume` reuses every result already in benchmarks/results/kv_quant/ for the same command.
 Results: benchmarks/results/kv_quant_<device>.json and .png.
 """
@@ -39,11 +45,12 @@ import kvjax
 from benchmarks.common import RESULTS, run, save_plot, saved_record, wilson, write_json
 from kvjax.data.corpus import load_documents, split_documents
 from kvjax.decode import decode_step, init_cache, prefill_cache
+from kvjax.decode.throughput import measure
 from kvjax.io import load_weights, tokenizer_for
 
 CONFIG = "configs/smollm2_135m.yaml"
 ROOT = Path(__file__).resolve().parent.parent
-TASKS = ("perplexity", "passkey", "decode")
+TASKS = ("perplexity", "passkey", "decode", "speed")
 WORK = RESULTS / "kv_quant"
 SELECTIONS = ("dense", "moa50", "h2o50")
 
@@ -161,13 +168,50 @@ def paired_ratio(nll_W, base_nll_W, tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Speed, side by side.
+
+
+def speeds(args, names: dict[str, list[str]]) -> dict:
+  """Per method: decode and prefill tokens/s of every round (`kvjax.decode.throughput.measure`:
+  each call compiles once, then times a fresh prefill and decode loop), methods in turn."""
+  base = kvjax.load_config(ROOT / CONFIG)
+  params = load_weights(base.model)
+  setups = {}
+  for name, overrides in names.items():
+    cfg = kvjax.load_config(ROOT / CONFIG, overrides).model
+    setups[name] = (kvjax.build_model(cfg), cfg)
+  rounds = {name: [] for name in names}
+  for r in range(args.rounds):
+    for name, (model, cfg) in setups.items():
+      m = measure(model, params, cfg, batch=args.decode_batch, prompt_len=args.decode_prompt,
+                  gen_len=args.decode_gen)
+      rounds[name].append({k: m[k] for k in ("decode_tokens_per_s", "prefill_tokens_per_s")})
+      print(f"speed round {r} {name}: {m['decode_tokens_per_s']:.1f} decode tok/s", flush=True)
+  return {"device": jax.devices()[0].device_kind, "rounds": rounds}
+
+
+def speed_row(name: str, speed: dict) -> dict:
+  """Medians over rounds, and the round-by-round ratio to `<selection>/none`."""
+  rounds = speed["rounds"][name]
+  base = speed["rounds"].get(f"{name.split('/')[0]}/none")
+  row = {}
+  for key in ("decode_tokens_per_s", "prefill_tokens_per_s"):
+    row[key] = float(np.median([r[key] for r in rounds]))
+    if base and base is not rounds:
+      ratios = [r[key] / b[key] for r, b in zip(rounds, base)]
+      row[key.replace("tokens_per_s", "speed_vs_none")] = {
+          "median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)}
+  return row
+
+
+# ---------------------------------------------------------------------------------------------
 # Passkey and decode, through the CLIs.
 
 
 def commands(args) -> dict[str, list[str]]:
   return {
       "passkey": [sys.executable, "-m", "kvjax.eval", "--config", CONFIG, "--task", "passkey",
-                  "--lengths", *map(str, args.passkey_lengths), "--depths",
+                  "--scorer", "generate", "--lengths", *map(str, args.passkey_lengths), "--depths",
                   *map(str, args.depths), "--samples", str(args.samples), "--batch",
                   str(args.passkey_batch)],
       "decode": [sys.executable, "decode.py", "--config", CONFIG, "--batch",
@@ -187,7 +231,8 @@ def cli_results(args, name: str, overrides: list[str]) -> dict:
   return results
 
 
-def summarize(args, cli: dict, ppl: dict | None, base_ppl: dict | None) -> dict:
+def summarize(args, cli: dict, ppl: dict | None, base_ppl: dict | None,
+              speed: dict | None) -> dict:
   row = {"overrides": None}
   if ppl:
     row["overrides"] = ppl["overrides"]
@@ -212,9 +257,9 @@ def summarize(args, cli: dict, ppl: dict | None, base_ppl: dict | None) -> dict:
     row.update({"method": r["method"], "kv_bytes_per_token": r["kv_bytes_per_token"],
                 "kv_bytes_per_sequence": per_sequence,
                 "largest_batch_in_budget": int(args.budget_mib * 2**20 // per_sequence),
-                "decode_tokens_per_s": r["decode_tokens_per_s"],
-                "prefill_tokens_per_s": r["prefill_tokens_per_s"],
                 "decode_command": cli["decode"]["command"]})
+  if speed:
+    row.update(speed)
   return row
 
 
@@ -251,7 +296,7 @@ def plot(summary: dict) -> None:
   with_decode = [n for n in rows if "decode_tokens_per_s" in rows[n]]
   axes[2].bar(range(len(with_decode)), [rows[n]["decode_tokens_per_s"] for n in with_decode])
   axes[2].set_xticks(range(len(with_decode)), with_decode, rotation=60, fontsize=7)
-  axes[2].set(ylabel="decode tokens/s", title="decode.py throughput")
+  axes[2].set(ylabel="decode tokens/s", title="decode throughput, timed side by side")
   save_plot(fig, "kv_quant")
 
 
@@ -271,6 +316,7 @@ def main() -> None:
   p.add_argument("--decode-batch", type=int, default=8)
   p.add_argument("--decode-prompt", type=int, default=512)
   p.add_argument("--decode-gen", type=int, default=32)
+  p.add_argument("--rounds", type=int, default=3, help="side-by-side speed rounds")
   p.add_argument("--budget-mib", type=float, default=256.0,
                  help="cache budget for the largest batch of decode.py's request shape")
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -283,11 +329,19 @@ def main() -> None:
   if not ppl and args.resume:
     path = WORK / f"perplexity_{args.windows}x{args.window}.json"
     ppl = json.loads(path.read_text()) if path.exists() else {}
-  summary = {"config": CONFIG, "args": vars(args), "methods": {}}
+  speed_path = WORK / f"speed_{args.decode_batch}x{args.decode_prompt}+{args.decode_gen}.json"
+  if "speed" in args.tasks:
+    speed_path.write_text(json.dumps(speeds(args, names), indent=2))
+  speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
+  if speed and not set(names) <= set(speed["rounds"]):
+    speed = None  # timed for other methods; side-by-side ratios need them all in one run
+  summary = {"config": CONFIG, "args": vars(args), "methods": {},
+             "speed_device": speed and speed["device"]}
   for name, overrides in names.items():
     cli = cli_results(args, name, overrides)
     base = ppl.get(f"{name.split('/')[0]}/none")
-    summary["methods"][name] = summarize(args, cli, ppl.get(name), base)
+    summary["methods"][name] = summarize(args, cli, ppl.get(name), base,
+                                         speed and speed_row(name, speed))
     write_json("kv_quant", summary)
   plot(summary)
 
