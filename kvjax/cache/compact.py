@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.cache.dense import DenseLayout
 from kvjax.cache.flat import FlatHeads
 from kvjax.cache.storage import Storage
 from kvjax.layers.cache import Chunk, Layout
@@ -179,3 +180,16 @@ def compact_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, s
                        pos=jnp.full((batch, heads.num_rows), EMPTY, jnp.int32), state=state,
                        lengths=None, heads=heads, storage=storage, use_keep=True,
                        gated_decode=gated_decode, align=align, impl=impl, recent=recent)
+
+
+def compacted(dense: DenseLayout, keep_BxSxK: jax.Array, room: int,
+              rng: jax.Array) -> CompactLayout:
+  """The tokens of a dense prefill buffer flagged in `keep_BxSxK`, per (sequence, K/V head), in a
+  compacted layout with `room` more rows per head (host side: the sizes become static shapes)."""
+  k_BxSxKxD, v_BxSxKxD = dense.storage.read(dense.k), dense.storage.read(dense.v)
+  b, s, num_kv_heads, head_dim = k_BxSxKxD.shape
+  positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  fresh = compact_layout(b, s, num_kv_heads, head_dim, dense.storage, impl=dense.impl)
+  chosen = fresh.write(Chunk(k_BxSxKxD, v_BxSxKxD, positions_BxS, keep_BxSxK))
+  return chosen.finish_prefill(room, rng)
+

@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.compact import CompactLayout, compact_layout
+from kvjax.cache.compact import CompactLayout, compacted
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
 from kvjax.eviction.policies import (ATTENTION_POLICIES, attention_probs, keep_counts, keep_top,
@@ -53,15 +53,9 @@ class EvictionLayout(Layout):
   def finish_prefill(self, room: int, rng: jax.Array) -> CompactLayout:
     """The compacted layout of each sequence's chosen prompt tokens, with `room` more rows per
     head (host side: the sizes become static shapes)."""
-    dense = self.dense
-    k_BxSxKxD, v_BxSxKxD = dense.storage.read(dense.k), dense.storage.read(dense.v)
-    b, s, num_kv_heads, head_dim = k_BxSxKxD.shape
     score_BxKxS = key_scores(self.policy, self.observed, self.lengths, rng)
-    keep_BxSxK = keep_top(score_BxKxS, keep_counts(self.keep_ratio, self.lengths))
-    positions_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    fresh = compact_layout(b, s, num_kv_heads, head_dim, dense.storage, impl=dense.impl)
-    chosen = fresh.write(Chunk(k_BxSxKxD, v_BxSxKxD, positions_BxS, keep_BxSxK))
-    return chosen.finish_prefill(room, rng)
+    return compacted(self.dense, keep_top(score_BxKxS, keep_counts(self.keep_ratio, self.lengths)),
+                     room, rng)
 
 
 def eviction_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
