@@ -97,6 +97,9 @@ class MoAConfig:
              f"must be in [1, model.moa.block_size={self.block_size}], got {self.sink_tokens}")
 
 
+GATE_PROTOCOLS = ("in_context", "compaction")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionGateConfig:
   """Attention-Gate (arXiv 2410.12876): a small causal attention before each K/V-producing layer
@@ -113,8 +116,13 @@ class AttentionGateConfig:
   # The keys at most this many positions before a query stay visible to it whatever their flags
   # (so the cache holds them until they leave the window; they count as kept in the budget).
   recent_tokens: int = 0
+  # in_context: the gate's flags decide what the cache keeps while the prompt goes in;
+  # compaction: a dense prefill, then each (sequence, K/V head) keeps its round(keep_ratio x
+  # prompt length) best-scored tokens (the gate as a scorer, as eviction policies compact).
+  protocol: str = "in_context"
 
   def __post_init__(self):
+    _choice(self.protocol, "model.attention_gate.protocol", GATE_PROTOCOLS)
     for name in ("num_heads", "head_dim"):
       _require(getattr(self, name) > 0, f"model.attention_gate.{name}", "must be > 0")
     _require(self.head_dim % 2 == 0, "model.attention_gate.head_dim", "must be even for RoPE")
@@ -123,6 +131,9 @@ class AttentionGateConfig:
     _require(0.0 < self.keep_ratio <= 1.0, "model.attention_gate.keep_ratio", "must be in (0, 1]")
     _require(self.loss_weight >= 0, "model.attention_gate.loss_weight", "must be >= 0")
     _require(self.recent_tokens >= 0, "model.attention_gate.recent_tokens", "must be >= 0")
+    _require(not (self.gate_decode and self.protocol == "compaction"),
+             "model.attention_gate.gate_decode", "needs protocol in_context (compaction keeps "
+             "every decoded token)")
 
 
 EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")

@@ -29,4 +29,5 @@ METHOD = Method(
     models=("llama", "block_transformer"),
     scan_why="its prefill buffers and compacted caches are per layer (unroll the layers)",
     shards_kv_heads=False, layouts=_layouts, kernel=lambda cfg: ("flat", TABLE_BLOCK),
-    sequence_why="it evicts after a dense prefill, so a forward pass attends to every token")
+    sequence_why=lambda cfg: "it evicts after a dense prefill, so a forward pass attends to "
+                             "every token")
