@@ -137,19 +137,27 @@ class AttentionGateConfig:
 
 
 EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")
+EVICTION_PROTOCOLS = ("compaction", "in_context")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvictionConfig:
-  """Score-based K/V eviction after a dense prefill (`kvjax.eviction`): every (layer, K/V
-  head) keeps round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
+  """Score-based K/V eviction (`kvjax.eviction`): every (layer, K/V head) keeps
+  round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
 
   policy: str = "none"
   keep_ratio: float = 0.5
+  # compaction: a dense prefill, then the choice; in_context: a cache of the final size that
+  # evicts while the prompt goes in (each prompt query sees what the policy held so far).
+  protocol: str = "compaction"
 
   def __post_init__(self):
     _choice(self.policy, "model.eviction.policy", EVICTION_POLICIES)
     _require(0.0 < self.keep_ratio <= 1.0, "model.eviction.keep_ratio", "must be in (0, 1]")
+    _choice(self.protocol, "model.eviction.protocol", EVICTION_PROTOCOLS)
+    _require(not (self.policy == "snapkv" and self.protocol == "in_context"),
+             "model.eviction.protocol", "in_context cannot run policy snapkv, which scores keys "
+             "from the prompt's last window (use compaction)")
 
 
 KV_QUANT_MODES = ("none", "int8", "fp8", "int4")
