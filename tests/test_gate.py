@@ -12,13 +12,12 @@ from flax import traverse_util
 
 import kvjax
 from kvjax import registry
-from kvjax.cache.compact import EMPTY, compact_layout
+from kvjax.cache.compact import EMPTY, compact_layout, keep_counts, keep_top
 from kvjax.cache.sequence import CausalLayout, visible_flags
 from kvjax.cache.storage import PlainStorage
 from kvjax.decode import init_cache, prefill_cache
 from kvjax.errors import ConfigError
-from kvjax.eviction.policies import (POLICIES, attention_probs, keep_counts, keep_top, key_scores,
-                                     observed_attention)
+from kvjax.eviction.policies import POLICIES, attention_probs, key_scores, observed_attention
 from kvjax.cache.sequence import MaskedLayout
 from kvjax.gate.layer import BIAS_STEP, AttentionGate
 from kvjax.layers.cache import Chunk, KVCache

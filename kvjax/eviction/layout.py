@@ -15,12 +15,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.compact import CompactLayout, compacted
+from kvjax.cache.compact import CompactLayout, compacted, keep_counts, keep_top
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
 from kvjax.eviction.in_context import evict_in_context
-from kvjax.eviction.policies import (ATTENTION_POLICIES, attention_probs, keep_counts, keep_top,
-                                     key_scores, observed_attention)
+from kvjax.eviction.policies import (ATTENTION_POLICIES, attention_probs, key_scores,
+                                     observed_attention)
 from kvjax.layers.cache import Chunk, Layout
 
 

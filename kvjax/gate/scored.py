@@ -13,10 +13,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.compact import CompactLayout, compacted
+from kvjax.cache.compact import CompactLayout, compacted, keep_counts, keep_top
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
-from kvjax.eviction.policies import keep_counts, keep_top
 from kvjax.layers.cache import Chunk, Layout
 
 
