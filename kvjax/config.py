@@ -97,6 +97,9 @@ class MoAConfig:
              f"must be in [1, model.moa.block_size={self.block_size}], got {self.sink_tokens}")
 
 
+GATE_PROTOCOLS = ("in_context", "compaction")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionGateConfig:
   """Attention-Gate (arXiv 2410.12876): a small causal attention before each K/V-producing layer
@@ -113,8 +116,13 @@ class AttentionGateConfig:
   # The keys at most this many positions before a query stay visible to it whatever their flags
   # (so the cache holds them until they leave the window; they count as kept in the budget).
   recent_tokens: int = 0
+  # in_context: the gate's flags decide what the cache keeps while the prompt goes in;
+  # compaction: a dense prefill, then each (sequence, K/V head) keeps its round(keep_ratio x
+  # prompt length) best-scored tokens (the gate as a scorer, as eviction policies compact).
+  protocol: str = "in_context"
 
   def __post_init__(self):
+    _choice(self.protocol, "model.attention_gate.protocol", GATE_PROTOCOLS)
     for name in ("num_heads", "head_dim"):
       _require(getattr(self, name) > 0, f"model.attention_gate.{name}", "must be > 0")
     _require(self.head_dim % 2 == 0, "model.attention_gate.head_dim", "must be even for RoPE")
@@ -123,22 +131,33 @@ class AttentionGateConfig:
     _require(0.0 < self.keep_ratio <= 1.0, "model.attention_gate.keep_ratio", "must be in (0, 1]")
     _require(self.loss_weight >= 0, "model.attention_gate.loss_weight", "must be >= 0")
     _require(self.recent_tokens >= 0, "model.attention_gate.recent_tokens", "must be >= 0")
+    _require(not (self.gate_decode and self.protocol == "compaction"),
+             "model.attention_gate.gate_decode", "needs protocol in_context (compaction keeps "
+             "every decoded token)")
 
 
 EVICTION_POLICIES = ("none", "h2o", "tova", "snapkv", "streaming_llm", "random", "local_window")
+EVICTION_PROTOCOLS = ("compaction", "in_context")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvictionConfig:
-  """Score-based K/V eviction after a dense prefill (`kvjax.eviction`): every (layer, K/V
-  head) keeps round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
+  """Score-based K/V eviction (`kvjax.eviction`): every (layer, K/V head) keeps
+  round(keep_ratio * prompt length) prompt tokens chosen by `policy`."""
 
   policy: str = "none"
   keep_ratio: float = 0.5
+  # compaction: a dense prefill, then the choice; in_context: a cache of the final size that
+  # evicts while the prompt goes in (each prompt query sees what the policy held so far).
+  protocol: str = "compaction"
 
   def __post_init__(self):
     _choice(self.policy, "model.eviction.policy", EVICTION_POLICIES)
     _require(0.0 < self.keep_ratio <= 1.0, "model.eviction.keep_ratio", "must be in (0, 1]")
+    _choice(self.protocol, "model.eviction.protocol", EVICTION_PROTOCOLS)
+    _require(not (self.policy == "snapkv" and self.protocol == "in_context"),
+             "model.eviction.protocol", "in_context cannot run policy snapkv, which scores keys "
+             "from the prompt's last window (use compaction)")
 
 
 KV_QUANT_MODES = ("none", "int8", "fp8", "int4")

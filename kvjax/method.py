@@ -46,9 +46,9 @@ class Method:
   scan_why: str = ""  # ... or why not
   shards_kv_heads: bool = True  # its cache splits over K/V heads on a mesh (else batch only)
   check: Callable[[ModelConfig], None] = _nothing  # e.g. reads and checks a file it names
-  # Why a whole-sequence forward (or a prefill's logits) does not show what its cache keeps;
-  # "" when it does. Scoring such a method needs decoding.
-  sequence_why: str = ""
+  # cfg -> why a whole-sequence forward (or a prefill's logits) does not show what its cache
+  # keeps; "" when it does. Scoring such a method needs decoding.
+  sequence_why: Callable[[ModelConfig], str] = lambda cfg: ""
   param_scope: tuple[str, ...] = ()  # e.g. ("attn", "filter"): parameters it adds to a layer
   # (cfg, batch, max_len, impl, storage) -> one cache layout per K/V-producing layer.
   layouts: Callable[[ModelConfig, int, int, str, Storage], tuple[Layout, ...]] | None = None

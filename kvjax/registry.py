@@ -138,7 +138,7 @@ def sequence_layouts(cfg: ModelConfig) -> tuple[Layout, ...]:
 def sequence_gap(cfg: ModelConfig) -> str | None:
   """Why scoring a whole sequence (forward, or prefill logits) would not show what `cfg`'s cache
   keeps, naming the method's key; None when it does."""
-  return next((f"{m.key}: {m.sequence_why}" for m in active(cfg) if m.sequence_why), None)
+  return next((f"{m.key}: {why}" for m in active(cfg) if (why := m.sequence_why(cfg))), None)
 
 
 def kv_filter(cfg: ModelConfig) -> Callable[..., nn.Module] | None:

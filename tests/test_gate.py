@@ -11,15 +11,16 @@ import pytest
 from flax import traverse_util
 
 import kvjax
-from kvjax.cache.compact import EMPTY, compact_layout
+from kvjax import registry
+from kvjax.cache.compact import EMPTY, compact_layout, keep_counts, keep_top
 from kvjax.cache.sequence import CausalLayout, visible_flags
 from kvjax.cache.storage import PlainStorage
-from kvjax.decode import init_cache
+from kvjax.decode import init_cache, prefill_cache
 from kvjax.errors import ConfigError
-from kvjax.eviction.policies import (POLICIES, attention_probs, keep_counts, keep_top, key_scores,
-                                     observed_attention)
-from kvjax.gate.layer import BIAS_STEP
-from kvjax.layers.cache import Chunk
+from kvjax.eviction.policies import POLICIES, attention_probs, key_scores, observed_attention
+from kvjax.cache.sequence import MaskedLayout
+from kvjax.gate.layer import BIAS_STEP, AttentionGate
+from kvjax.layers.cache import Chunk, KVCache
 from kvjax.layers.dot_product import causal_mask, dot_product_attention
 from kvjax.training.loss import next_token_loss
 from tests.helpers import kept_counts, random_tokens, tiny_model
@@ -352,7 +353,70 @@ def test_compacted_cache_pallas_decode_matches_xla(recent):
     ("model.attention_gate.recent_tokens=512", "model.attention_gate.recent_tokens"),
     ("model.attention_gate.heads=2", "model.attention_gate.heads"),
     ("train.freeze_base=true", "train.freeze_base"),
+    ("model.attention_gate.protocol=after", "model.attention_gate.protocol"),
+    ("model.attention_gate.gate_decode=true model.attention_gate.protocol=compaction",
+     "model.attention_gate.gate_decode"),
 ])
 def test_bad_gate_config_is_one_clear_error(override, message):
   with pytest.raises(ConfigError, match=message):
-    kvjax.load_config(None, [override])
+    kvjax.load_config(None, override.split())
+
+
+def masked(shown_LxBxKxTxT) -> KVCache:
+  """Every layer's attention under its own mask; keep flags are not applied."""
+  return KVCache(layers=tuple(map(MaskedLayout, jnp.asarray(shown_LxBxKxTxT))),
+                 max_len=shown_LxBxKxTxT.shape[-1])
+
+
+def dense_gate_scores(model, params, tokens_BxT, layers: int) -> np.ndarray:
+  """`[L, B, T, K]`: every gate's score in a dense forward of the tokens (no flag applied)."""
+  b, t = tokens_BxT.shape
+  causal = np.broadcast_to(np.tri(t, dtype=bool), (layers, b, t, t))
+  _, state = model.apply({"params": params}, tokens_BxT, jnp.broadcast_to(jnp.arange(t), (b, t)),
+                         masked(causal), mutable=["intermediates"],
+                         capture_intermediates=lambda m, _: isinstance(m, AttentionGate))
+  calls = [v for path, v in traverse_util.flatten_dict(state["intermediates"]).items()
+           if "filter" in path]
+  return np.stack([np.asarray(call[0][1]) for call in calls])
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 5], ids=["whole", "chunked"])
+def test_compaction_keeps_the_best_scored_tokens_then_decodes_as_the_masked_forward(
+    prefill_chunk):
+  b, t, p, recent = 2, 20, 12, 2
+  cfg, model, params = gated("model.attention_gate.protocol=compaction", "model.num_layers=2",
+                             "model.attention_gate.keep_ratio=0.5",
+                             f"model.attention_gate.recent_tokens={recent}")
+  tokens = random_tokens(b, t, seed=5)
+  n = round(0.5 * p)
+  score_LxBxPxK = dense_gate_scores(model, params, tokens[:, :p], layers=2)
+  score_LxBxPxK[:, :, p - recent:] = np.inf
+  order = np.argsort(-score_LxBxPxK, axis=2, kind="stable")
+  kept_LxBxPxK = np.zeros_like(score_LxBxPxK, bool)
+  np.put_along_axis(kept_LxBxPxK, order[:, :, :n], True, axis=2)
+  assert kept_LxBxPxK[:, :, :2].all()  # the sinks
+  q, k = np.arange(t)[:, None], np.arange(t)[None, :]
+  shown_LxBxKxTxT = (k <= q) & ((q < p) | (k >= p) | np.pad(
+      np.moveaxis(kept_LxBxPxK, 3, 2), [(0, 0)] * 3 + [(0, t - p)])[..., None, :])
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  want = run(model, params, tokens, positions, masked(shown_LxBxKxTxT))[0]
+  dense = run(model, params, tokens, positions, masked(np.broadcast_to(k <= q, (2, b, t, t))))
+  cache, _, prompt_logits = prefill_cache(model, params, tokens[:, :p], np.full(b, p),
+                                          init_cache(cfg, b, t), chunk=prefill_chunk,
+                                          keep_logits=True)
+  cache = cache.finish_prefill(t - p, jax.random.key(0))
+  got = [prompt_logits]
+  for i in range(p, t):
+    logits, cache = run(model, params, tokens[:, i:i + 1], jnp.full((b, 1), i), cache)
+    got.append(logits)
+  got = jnp.concatenate(got, axis=1)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(kept_counts(cache), n + t - p)
+  assert np.abs(got - dense[0]).max() > 1e-3  # the eviction mattered
+
+
+def test_compaction_is_tagged_and_not_scored_by_a_forward_pass():
+  cfg = kvjax.load_config(None, [*GATE, "model.attention_gate.protocol=compaction"]).model
+  assert registry.method_tag(cfg).endswith("/gate/compaction")
+  assert "dense prefill" in registry.sequence_gap(cfg)
+  assert registry.sequence_gap(kvjax.load_config(None, list(GATE)).model) is None

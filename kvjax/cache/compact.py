@@ -193,3 +193,14 @@ def compacted(dense: DenseLayout, keep_BxSxK: jax.Array, room: int,
   chosen = fresh.write(Chunk(k_BxSxKxD, v_BxSxKxD, positions_BxS, keep_BxSxK))
   return chosen.finish_prefill(room, rng)
 
+
+def keep_top(score_BxKxS: jax.Array, counts_B: jax.Array) -> jax.Array:
+  """`[B, S, K]` flags marking each sequence's `counts_B` best-scored keys per K/V head."""
+  order_BxKxS = jnp.argsort(-score_BxKxS, axis=-1, stable=True)
+  rank_BxKxS = jnp.argsort(order_BxKxS, axis=-1)
+  return jnp.moveaxis(rank_BxKxS < counts_B[:, None, None], 1, 2)
+
+
+def keep_counts(keep_ratio: float, lengths_B: jax.Array) -> jax.Array:
+  """round(keep_ratio * prompt length), at least one token."""
+  return jnp.maximum(jnp.round(keep_ratio * lengths_B), 1).astype(jnp.int32)

@@ -1,2 +1,2 @@
-"""Score-based K/V eviction (`model.eviction`): policies (`policies`) and the prefill layout
-that scores keys and compacts them (`layout`)."""
+"""Score-based K/V eviction (`model.eviction`): policies (`policies`), eviction while the prompt
+goes in (`in_context`), and the prefill layout that scores keys and compacts them (`layout`)."""

@@ -90,15 +90,3 @@ def key_scores(policy: str, observed_BxKxS: jax.Array, lengths_B: jax.Array,
     raise ValueError(f"unknown eviction policy {policy!r}; allowed: {', '.join(POLICIES)}")
   score_BxKxS = jnp.broadcast_to(score, observed_BxKxS.shape)
   return jnp.where(pos_S < n_Bx1x1, score_BxKxS, -jnp.inf)
-
-
-def keep_top(score_BxKxS: jax.Array, counts_B: jax.Array) -> jax.Array:
-  """`[B, S, K]` flags marking each sequence's `counts_B` best-scored keys per K/V head."""
-  order_BxKxS = jnp.argsort(-score_BxKxS, axis=-1, stable=True)
-  rank_BxKxS = jnp.argsort(order_BxKxS, axis=-1)
-  return jnp.moveaxis(rank_BxKxS < counts_B[:, None, None], 1, 2)
-
-
-def keep_counts(keep_ratio: float, lengths_B: jax.Array) -> jax.Array:
-  """round(keep_ratio * prompt length), at least one token."""
-  return jnp.maximum(jnp.round(keep_ratio * lengths_B), 1).astype(jnp.int32)

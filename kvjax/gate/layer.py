@@ -52,7 +52,8 @@ def eviction_loss(keep_BxTxK: jax.Array, target: float) -> jax.Array:
 
 
 class AttentionGate(nn.Module):
-  """`(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, state)`: straight-through keep flags.
+  """`(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, score_BxTxK, state)`: straight-through
+  keep flags, and the score they threshold (+inf for the sinks) to rank tokens by.
 
   Without state (training) the gate attends causally within the chunk; `state`, the dense
   layout of the gate's own K/V that a cache keeps for it, is written and read instead, so a
@@ -69,8 +70,8 @@ class AttentionGate(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array,
-               state: DenseLayout | None = None) -> tuple[jax.Array, DenseLayout | None]:
+  def __call__(self, x_BxTxE: jax.Array, positions_BxT: jax.Array, state: DenseLayout | None = None
+               ) -> tuple[jax.Array, jax.Array, DenseLayout | None]:
     cfg, g = self.cfg, self.cfg.attention_gate
     # Unit-scale weights, inputs scaled by fan_in^-1/2: Adam moves every weight by ~lr per
     # step whatever its scale, so with the usual 0.02-std init one step moved the gate's output
@@ -110,4 +111,5 @@ class AttentionGate(nn.Module):
         hard_BxTxK, jax.nn.sigmoid(sg(token_BxTxK) + bias_K)))
     self.sow("metrics", "evict_ratio", 1.0 - (hard_BxTxK | forced_BxTx1).mean(axis=(0, 1)))
     self.sow("losses", "evict", g.loss_weight * eviction_loss(budget_BxTxK, g.keep_ratio))
-    return keep_BxTxK, state
+    score_BxTxK = jnp.where(sink_BxTx1, jnp.inf, sg(token_BxTxK + bias_K))
+    return keep_BxTxK, score_BxTxK, state

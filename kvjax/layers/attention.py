@@ -46,9 +46,10 @@ class Attention(nn.Module):
   """Self-attention through a layout; `owns_kv=False` makes a layer that reads the K/V of an
   earlier layer (cross-layer sharing) instead of projecting its own.
 
-  kv_filter: makes the submodule `(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, state)` that
-    flags which of this layer's tokens later queries may see; its flags travel with the chunk,
-    and `state` is what the layout keeps for it between steps (`Layout.filter_state`).
+  kv_filter: makes the submodule `(x_BxTxE, positions_BxT, state) -> (keep_BxTxK, score_BxTxK,
+    state)` that flags which of this layer's tokens later queries may see and ranks them; flags
+    and scores travel with the chunk, and `state` is what the layout keeps for it between steps
+    (`Layout.filter_state`).
   """
 
   cfg: ModelConfig
@@ -67,12 +68,12 @@ class Attention(nn.Module):
     q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "q_heads", "head_dim"))
     if self.owns_kv:
       k_BxTxKxD, v_BxTxKxD = KVProjection(cfg, name="kv")(x_BxTxE, positions_BxT)
-      keep_BxTxK = None
+      keep_BxTxK = score_BxTxK = None
       if self.kv_filter is not None:
-        keep_BxTxK, state = self.kv_filter(name="filter")(x_BxTxE, positions_BxT,
-                                                          layout.filter_state)
+        keep_BxTxK, score_BxTxK, state = self.kv_filter(name="filter")(
+            x_BxTxE, positions_BxT, layout.filter_state)
         layout = layout.with_filter_state(state)
-      chunk = Chunk(k_BxTxKxD, v_BxTxKxD, positions_BxT, keep_BxTxK)
+      chunk = Chunk(k_BxTxKxD, v_BxTxKxD, positions_BxT, keep_BxTxK, score_BxTxK)
       layout = layout.write(chunk)
     out_BxTxHxD, layout = layout.attend(q_BxTxHxD, chunk)
     out_BxTxE = _proj(cfg, (cfg.num_heads, cfg.head_dim_, cfg.d_model),

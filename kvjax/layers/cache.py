@@ -48,6 +48,9 @@ class Chunk:
   # B x T x K: a K/V filter's flags, 0/1 in value (> 0.5: kept); their gradient is taken w.r.t.
   # the log of the filter's score (straight-through), as a shift of the key's attention logit.
   keep: jax.Array | None = None
+  # B x T x K: the filter's ranking of the tokens (higher: kept first), for a layout that keeps a
+  # fixed number of them after a dense prefill; no gradient.
+  score: jax.Array | None = None
 
 
 class Layout(abc.ABC):

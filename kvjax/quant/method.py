@@ -62,5 +62,5 @@ METHOD = Method(
     tag=lambda cfg: cfg.kv_quant.mode + (f"@g{cfg.kv_quant.group_size}"
                                          if cfg.kv_quant.group_size else ""),
     models=("llama", "block_transformer"), scan=True, check=_check,
-    sequence_why="a forward pass attends to the unquantized K/V it computes",
+    sequence_why=lambda cfg: "a forward pass attends to the unquantized K/V it computes",
     storage=lambda cfg: QuantStorage(cfg.kv_quant.mode, cfg.kv_quant.group_size, cfg.dtype))
