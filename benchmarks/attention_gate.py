@@ -59,12 +59,12 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/ag_recall", help="corpus, base, gates and control")
-  p.add_argument("--base-steps", type=int, default=2000)
+  p.add_argument("--base-steps", type=int, default=6000)
   p.add_argument("--gate-steps", type=int, default=300, help="steps for gates and the control")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--lora-rank", type=int, default=8)
   p.add_argument("--recent", type=int, default=16, help="the gates' recent_tokens window")
-  p.add_argument("--recall-docs", type=int, default=20000, help="recall documents in training")
+  p.add_argument("--recall-docs", type=int, default=40000, help="recall documents in training")
   p.add_argument("--windows", type=int, default=256, help="held-out windows of each kind")
   p.add_argument("--batch", type=int, default=64, help="windows per evaluation batch")
   p.add_argument("--resume", action="store_true", help="reuse evaluations in the workdir")
@@ -215,6 +215,16 @@ def evaluations(args, trained_runs: dict, windows: dict) -> dict:
   return done
 
 
+def copy_gain(cfg, params, prose_WxT: np.ndarray, span: int = 120) -> dict:
+  """Loss (nats/byte) on a held-out passage and on the same passage repeated right after it: a
+  model that can look a token up in its context (induction heads, what recall needs) predicts
+  the repeat far better than the first reading."""
+  x = jnp.asarray(np.concatenate([prose_WxT[:, :span]] * 2, axis=1))
+  logits = kvjax.build_model(cfg).apply({"params": params}, x[:, :-1])
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]))
+  return {"first": float(ce[:, 16:span - 1].mean()), "repeat": float(ce[:, span + 15:].mean())}
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics.
 
@@ -297,7 +307,8 @@ def timing(trained_runs: dict, seed: int, keep: float) -> list[dict]:
 def main(argv=None) -> None:
   args = parse_args(argv)
   trained_runs = runs(args)
-  done = evaluations(args, trained_runs, heldout(args.windows))
+  windows = heldout(args.windows)
+  done = evaluations(args, trained_runs, windows)
   claims = {str(e): {p: claim(done, args.seeds, e, p) for p in PROTOCOLS} for e in EVICTIONS}
   for e, by_protocol in claims.items():
     for p, c in by_protocol.items():
@@ -305,6 +316,7 @@ def main(argv=None) -> None:
       print(f"eviction {e} {p}: gate recall {g['recall']:.3f} loss {g['loss']:.4f}; holds "
             f"{c['holds']}", flush=True)
   keep = claims["0.5"]["in_context"]["methods"]["gate"]["kept"]
+  base_cfg, base_params = trained_runs["base"]
   work = Path(args.workdir)
   write_json("attention_gate", {
       "claim": claims["0.5"]["in_context"], "claims": claims,
@@ -313,6 +325,7 @@ def main(argv=None) -> None:
                    "gate_steps": args.gate_steps, "lora_rank": args.lora_rank,
                    "recent_tokens": args.recent, "recall_docs": args.recall_docs,
                    "base_config": "configs/ag_base.yaml", "gate_config": "configs/ag_gate.yaml"},
+      "base_copy_gain": copy_gain(base_cfg.model, base_params, windows["prose"][:64]),
       "timing": timing(trained_runs, args.seeds[0], keep),
       "training": {name: training_log(work / name.replace("@", "_").replace("/", "_"))
                    for name in trained_runs}})
