@@ -194,6 +194,13 @@ def compacted(dense: DenseLayout, keep_BxSxK: jax.Array, room: int,
   return chosen.finish_prefill(room, rng)
 
 
+def compacted_best(dense: DenseLayout, score_BxKxS: jax.Array, keep_ratio: float,
+                   lengths_B: jax.Array, room: int, rng: jax.Array) -> CompactLayout:
+  """`compacted` keeping each sequence's round(keep_ratio x prompt length) best-scored tokens
+  per K/V head: how every scorer of a dense prefill (eviction policies, the gate) compacts."""
+  return compacted(dense, keep_top(score_BxKxS, keep_counts(keep_ratio, lengths_B)), room, rng)
+
+
 def keep_top(score_BxKxS: jax.Array, counts_B: jax.Array) -> jax.Array:
   """`[B, S, K]` flags marking each sequence's `counts_B` best-scored keys per K/V head."""
   order_BxKxS = jnp.argsort(-score_BxKxS, axis=-1, stable=True)

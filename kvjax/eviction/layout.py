@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.compact import CompactLayout, compacted, keep_counts, keep_top
+from kvjax.cache.compact import CompactLayout, compacted, compacted_best, keep_counts
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
 from kvjax.eviction.in_context import evict_in_context
@@ -74,9 +74,8 @@ class EvictionLayout(Layout):
     head (host side: the sizes become static shapes)."""
     if self.held is not None:
       return compacted(self.dense, jnp.moveaxis(self.held, 1, 2), room, rng)
-    score_BxKxS = key_scores(self.policy, self.observed, self.lengths, rng)
-    return compacted(self.dense, keep_top(score_BxKxS, keep_counts(self.keep_ratio, self.lengths)),
-                     room, rng)
+    return compacted_best(self.dense, key_scores(self.policy, self.observed, self.lengths, rng),
+                          self.keep_ratio, self.lengths, room, rng)
 
 
 def eviction_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,

@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.compact import CompactLayout, compacted, keep_counts, keep_top
+from kvjax.cache.compact import CompactLayout, compacted_best
 from kvjax.cache.dense import DenseLayout, dense_layout
 from kvjax.cache.storage import Storage
 from kvjax.layers.cache import Chunk, Layout
@@ -56,8 +56,7 @@ class ScoredLayout(Layout):
     n_Bx1x1 = self.lengths[:, None, None]
     score_BxKxS = jnp.where(pos_S >= n_Bx1x1 - self.recent, jnp.inf, self.score)
     score_BxKxS = jnp.where(pos_S < n_Bx1x1, score_BxKxS, -jnp.inf)
-    keep_BxSxK = keep_top(score_BxKxS, keep_counts(self.keep_ratio, self.lengths))
-    return compacted(self.dense, keep_BxSxK, room, rng)
+    return compacted_best(self.dense, score_BxKxS, self.keep_ratio, self.lengths, room, rng)
 
 
 def scored_layout(batch: int, max_len: int, num_kv_heads: int, head_dim: int, storage: Storage,
