@@ -56,11 +56,15 @@ SELECTIONS = ("dense", "moa50", "h2o50")
 
 
 def mode_overrides(mode: str) -> list[str]:
-  """`none` (a bfloat16 cache), `int8`, `fp8`, `int4`, or `int4@g32` (32 values per scale)."""
+  """`none` (a bfloat16 cache), `int8`, `fp8`, `int4`, `int4@g32` (32 values per scale), and
+  any of those `+rot` (quantized after a Walsh-Hadamard rotation)."""
   if mode == "none":
     return ["model.cache_dtype=bfloat16"]
+  mode, rotated = mode.removesuffix("+rot"), mode.endswith("+rot")
   name, _, group = mode.partition("@g")
-  return [f"model.kv_quant.mode={name}"] + ([f"model.kv_quant.group_size={group}"] if group else [])
+  return ([f"model.kv_quant.mode={name}"]
+          + ([f"model.kv_quant.group_size={group}"] if group else [])
+          + (["model.kv_quant.rotate=true"] if rotated else []))
 
 
 def methods(args) -> dict[str, list[str]]:
@@ -304,7 +308,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--modes", nargs="+", default=["none", "int8", "fp8", "int4"],
-                 help="none (bfloat16 cache), int8, fp8, int4, int4@g32 (values per scale)")
+                 help="none (bfloat16 cache), int8, fp8, int4, int4@g32 (values per scale), "
+                      "int4+rot (rotated before quantizing)")
   p.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
   p.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity")
   p.add_argument("--window", type=int, default=1024)

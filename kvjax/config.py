@@ -169,15 +169,20 @@ SCALE_BYTES = 2  # a bfloat16 scale per group of values
 class KVQuantConfig:
   """Quantized cache entries (`kvjax.quant`): every K/V head's D values of a token become codes
   (int8; float8 e4m3; int4, two per byte) and one bfloat16 scale per `group_size` of them
-  (0: one per head), dequantized where the cache is read."""
+  (0: one per head), dequantized where the cache is read. `rotate` quantizes each head's values
+  in the Walsh-Hadamard basis: K's outlier channels (after RoPE) are spread over the whole head
+  instead of setting the scale of their group, and attention's dot products are unchanged."""
 
   mode: str = "none"
   group_size: int = 0
+  rotate: bool = False
 
   def __post_init__(self):
     _choice(self.mode, "model.kv_quant.mode", KV_QUANT_MODES)
     _require(self.group_size >= 0, "model.kv_quant.group_size",
              f"must be >= 0 (0: one scale per K/V head), got {self.group_size}")
+    _require(not self.rotate or self.mode != "none", "model.kv_quant.rotate",
+             "rotates quantized entries: set model.kv_quant.mode to int8, fp8 or int4")
 
   def entry_bytes(self, head_dim: int) -> int:
     """Bytes of one (token, K/V head) entry of K or V: codes and scales."""

@@ -52,12 +52,13 @@ MODELS = {"llama": (), "scanned": ("model.scan_layers=true",),
           "block": ("model.kind=block_transformer", "model.block.block_len=4",
                     "model.block.num_prefix=2")}
 SHARING = {"none": (), "cla2": ("model.kv_sharing.factor=2",)}
-# Every layout once, each mode on several of them (head_dim 8; groups of 4 values: two scales).
-CELLS = [("llama", "none", "dense", "int8", 0), ("llama", "cla2", "dense", "int4", 0),
-         ("scanned", "cla2", "dense", "fp8", 0),
-         ("llama", "cla2", "moa", "int4", 4), ("llama", "none", "gate", "int8", 0),
-         ("llama", "none", "h2o", "int4", 4), ("block", "none", "dense", "fp8", 4),
-         ("block", "cla2", "h2o", "int8", 0)]
+# Every layout once, each mode on several of them (head_dim 8; groups of 4 values: two scales),
+# rotated codes on some.
+CELLS = [("llama", "none", "dense", "int8", 0, False), ("llama", "cla2", "dense", "int4", 0, True),
+         ("scanned", "cla2", "dense", "fp8", 0, True),
+         ("llama", "cla2", "moa", "int4", 4, False), ("llama", "none", "gate", "int8", 0, False),
+         ("llama", "none", "h2o", "int4", 4, True), ("block", "none", "dense", "fp8", 4, False),
+         ("block", "cla2", "h2o", "int8", 0, True)]
 PLAN = Plan(alphas=((16.0, 0.0, 24.0, 8.0),) * 2, betas=((0.0, 0.3, 0.0, 0.5),) * 2)
 PROMPTS = np.asarray(jax.random.randint(jax.random.key(1), (B, P), 0, 256, jnp.int32))
 
@@ -80,7 +81,19 @@ def oracle(x, mode: str, group: int) -> tuple[np.ndarray, np.ndarray]:
   return codes.reshape(x.shape), s
 
 
-def round_trip(x, mode: str, group: int) -> np.ndarray:
+def walsh_hadamard(d: int) -> np.ndarray:
+  """Orthonormal: entry (i, j) is (-1)^popcount(i & j) / sqrt(d)."""
+  i = np.arange(d)
+  parity = np.vectorize(lambda n: bin(n).count("1") % 2)(i[:, None] & i[None, :])
+  return (1 - 2 * parity).astype(np.float64) / np.sqrt(d)
+
+
+def round_trip(x, mode: str, group: int, rotate: bool = False) -> np.ndarray:
+  """Codes times scales; with `rotate`, of the values' rotation, rotated back."""
+  if rotate:
+    h = walsh_hadamard(x.shape[-1])
+    y = (np.asarray(x, np.float64) @ h).astype(np.float32)
+    return (round_trip(y, mode, group).astype(np.float64) @ h).astype(np.float32)
   codes, s = oracle(x, mode, group)
   d = codes.shape[-1]
   return (codes.reshape(*s.shape, d // s.shape[-1]) * s[..., None]).reshape(codes.shape)
@@ -92,10 +105,11 @@ class RoundTripStorage(PlainStorage):
 
   mode: str = "int8"
   group: int = 0
+  rotate: bool = False
 
   def put(self, buf, index, values):
     stored = jax.pure_callback(
-        lambda x: round_trip(x, self.mode, self.group).astype(np.float32),
+        lambda x: round_trip(x, self.mode, self.group, self.rotate).astype(np.float32),
         jax.ShapeDtypeStruct(values.shape, jnp.float32), values)
     return super().put(buf, index, stored)
 
@@ -131,6 +145,32 @@ def test_round_trip_is_the_oracle_and_within_half_a_step(mode, group):
   assert np.all(got[2, 0] == 0)
 
 
+@pytest.mark.parametrize("mode, group", [(m, g) for m in QMAX for g in (0, 4)])
+def test_rotated_round_trip_is_the_oracle_of_the_rotated_values(mode, group):
+  """Quantized in the Walsh-Hadamard basis: the oracle's round trip of x H, times H (to float32
+  rounding of the rotations); the error's norm per head is the rotated round trip's, within
+  half a code step (fp8: half an ulp) per rotated value."""
+  x = sample_values()
+  got = np.asarray(dequantize(quantize(jnp.asarray(x), mode, group, True), mode,
+                              rotated=True))
+  scale = np.abs(x).max(-1, keepdims=True)
+  assert np.all(np.abs(got - round_trip(x, mode, group, rotate=True)) <= 1e-6 * scale)
+  y = x.astype(np.float64) @ walsh_hadamard(16)
+  amax = np.abs(y.reshape(*y.shape[:-1], -1, group or 16)).max(-1)
+  step = np.repeat(amax, y.shape[-1] // amax.shape[-1], axis=-1) / QMAX[mode]
+  bound = 2.0**-4 * np.abs(y) + step * 2**-9 if mode == "fp8" else step / 2 * (1 + 2**-8)
+  assert np.all(((got.astype(np.float64) - x) ** 2).sum(-1) <= (bound**2).sum(-1) * (1 + 1e-5))
+
+
+def test_rotation_spreads_an_outlier_channel():
+  """One channel 40x the others: unrotated, it sets its head's int4 scale and the other values
+  round to zero; rotated (16 values share the outlier), the head's error is under half of that."""
+  x = sample_values()[1:2]
+  err = lambda rotated: np.linalg.norm(np.asarray(dequantize(
+      quantize(jnp.asarray(x), "int4", 0, rotated), "int4", rotated=rotated)) - x)
+  assert err(True) * 2 < err(False)
+
+
 def test_bfloat16_values_quantize_as_their_float32_values():
   x = sample_values()[:3].astype(ml_dtypes.bfloat16)
   got = np.asarray(dequantize(quantize(jnp.asarray(x), "int8"), "int8"))
@@ -161,11 +201,12 @@ def plan_path(tmp_path_factory):
   return path
 
 
-def cell_config(model_kind, sharing, selection, mode, group, plan_path):
+def cell_config(model_kind, sharing, selection, mode, group, rotate, plan_path):
   extra = (f"model.moa.plan={plan_path}",) if selection == "moa" else ()
   return kvjax.load_config(None, [*BASE, *MODELS[model_kind], *SHARING[sharing],
                                   *SELECTIONS[selection], *extra, f"model.kv_quant.mode={mode}",
-                                  f"model.kv_quant.group_size={group}"]).model
+                                  f"model.kv_quant.group_size={group}",
+                                  f"model.kv_quant.rotate={str(rotate).lower()}"]).model
 
 
 @functools.cache
@@ -205,17 +246,17 @@ def expected_nbytes(reference, cfg) -> int:
   return total
 
 
-@pytest.mark.parametrize("model_kind, sharing, selection, mode, group", CELLS,
-                         ids=["-".join(map(str, c)) for c in CELLS])
+@pytest.mark.parametrize("model_kind, sharing, selection, mode, group, rotate", CELLS,
+                         ids=["-".join(map(str, c[:5])) + "-rotated" * c[5] for c in CELLS])
 def test_quantized_cache_decodes_as_its_round_trip(model_kind, sharing, selection, mode, group,
-                                                   plan_path, monkeypatch):
-  cfg = cell_config(model_kind, sharing, selection, mode, group, plan_path)
+                                                   rotate, plan_path, monkeypatch):
+  cfg = cell_config(model_kind, sharing, selection, mode, group, rotate, plan_path)
   model = kvjax.build_model(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   prompt_q, steps_q, tokens, start_q = decode_steps(model, params, init_cache(cfg, B, N))
 
   monkeypatch.setattr(registry, "storage", lambda c: RoundTripStorage(
-      c.dtype, c.kv_quant.mode, c.kv_quant.group_size))
+      c.dtype, c.kv_quant.mode, c.kv_quant.group_size, c.kv_quant.rotate))
   prompt_r, steps_r, _, start_r = decode_steps(model, params, init_cache(cfg, B, N), tokens)
 
   for b, n in enumerate(LENGTHS):
@@ -231,16 +272,18 @@ def test_quantized_cache_decodes_as_its_round_trip(model_kind, sharing, selectio
     np.testing.assert_array_equal(out.tokens, tokens)
 
 
-def test_the_kernel_reads_the_codes_a_compacted_cache_dequantizes():
+@pytest.mark.parametrize("rotate", [False, True], ids=["codes", "rotated_codes"])
+def test_the_kernel_reads_the_codes_a_compacted_cache_dequantizes(rotate):
   """Under `attention_impl=pallas` a flat (compacted) layout hands the block-sparse kernel its
   codes and scales (`Storage.kernel_operand`): the same attention as the jnp path over the
-  values `read` dequantizes. (Dense layouts: tests/test_kernels.py's greedy decode.)"""
+  values `read` dequantizes; rotated codes are read by a rotated query. (Dense layouts:
+  tests/test_kernels.py's greedy decode.)"""
   b, s, kh, h, d = 2, 40, 2, 4, 16
   keys = jax.random.split(jax.random.key(5), 4)
   k, v = (jax.random.normal(key, (b, s, kh, d)) for key in keys[:2])
   keep = jax.random.uniform(keys[2], (b, s, kh)) < 0.6
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  write = jax.jit(lambda chunk: compact_layout(b, s, kh, d, QuantStorage("int4", 8),
+  write = jax.jit(lambda chunk: compact_layout(b, s, kh, d, QuantStorage("int4", 8, rotate=rotate),
                                                impl="pallas").write(chunk))
   layer = write(Chunk(k, v, positions, keep)).finish_prefill(4, jax.random.key(0))
   q = jax.random.normal(keys[3], (b, 1, h, d))
@@ -259,10 +302,16 @@ def test_the_kernel_reads_the_codes_a_compacted_cache_dequantizes():
     ("model.kv_quant.group_size=3", "model.kv_quant.group_size: must divide model.head_dim=8, "
                                     "got 3"),
     ("model.head_dim=7", "model.head_dim: must be even for RoPE, got 7"),  # so int4 fills bytes
+    ("model.kv_quant.rotate=true model.head_dim=6", "model.kv_quant.rotate: the Walsh-Hadamard "
+                                                    "rotation needs a power-of-two model.head_dim, "
+                                                    "got 6"),
+    ("model.kv_quant.rotate=true model.kv_quant.mode=none", "model.kv_quant.rotate: rotates "
+                                                           "quantized entries: set model.kv_quant"
+                                                           ".mode to int8, fp8 or int4"),
 ])
 def test_bad_settings_are_one_line_at_load(override, message):
   with pytest.raises(ConfigError) as e:
-    kvjax.load_config(None, [*BASE, "model.kv_quant.mode=int4", override])
+    kvjax.load_config(None, [*BASE, "model.kv_quant.mode=int4", *override.split()])
   assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
@@ -292,9 +341,11 @@ def test_a_code_type_the_backend_cannot_convert_is_rejected_at_load(monkeypatch,
 def test_decode_reports_the_quantized_cache(tmp_path):
   out = tmp_path / "r.json"
   decode.main(["--batch", "1", "--prompt-len", "4", "--gen-len", "2", "--json", str(out), *BASE,
-               "model.kv_quant.mode=int4", "model.kv_quant.group_size=4"])
+               "model.kv_quant.mode=int4", "model.kv_quant.group_size=4",
+               "model.kv_quant.rotate=true"])
   r = json.loads(out.read_text())
-  assert r["method"] == "llama/gqa2/int4@g4"
-  assert r["methods"] == {"kv_quant": {"mode": "int4", "group_size": 4}}
-  # K and V, 2 KV heads, 2 layers: 4 bytes of codes and 2 bfloat16 scales per entry.
+  assert r["method"] == "llama/gqa2/int4@g4+rot"
+  assert r["methods"] == {"kv_quant": {"mode": "int4", "group_size": 4, "rotate": True}}
+  # K and V, 2 KV heads, 2 layers: 4 bytes of codes and 2 bfloat16 scales per entry (a rotation
+  # stores nothing).
   assert r["kv_bytes_per_token"] == 2 * 2 * 2 * (4 + 2 * 2)

@@ -9,7 +9,8 @@ The keys of (sequence b, KV head h) are the rows of blocks `table[b, h, 0], tabl
 rows), taken in that order, of which the first `num_tokens[b, h]` are valid. Blocks past
 `cdiv(num_tokens[b, h], block_size)` are never read.
 Quantized K/V (`QuantizedKV`) are the same layout of codes with their scales beside them
-(`[L, B, N, C/g]`), read block by block with their codes and dequantized into q's dtype.
+(`[L, B, N, C/g]`), read block by block with their codes and dequantized into q's dtype; rotated
+codes are attended in their basis by a rotated query, whose output is rotated back.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from kvjax.pallas_kernels.decode_gpu import decode_gpu
 from kvjax.pallas_kernels.decode_tpu import decode_tpu, tpu_interpret_params
 from kvjax.pallas_kernels.eligibility import BACKEND_PLATFORM, eligibility
-from kvjax.pallas_kernels.quantized import QuantizedKV, code_format
+from kvjax.pallas_kernels.quantized import QuantizedKV, code_format, rotate
 
 NATIVE_BACKEND = {"gpu": "triton", "tpu": "mosaic_tpu"}
 DENSE_GPU_BLOCK = 64
@@ -68,6 +69,7 @@ def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxW: jax.Array | QuantizedKV,
   quant = isinstance(k_LxBxNxW, QuantizedKV)
   if quant:
     check_codes(k_LxBxNxW, v_LxBxNxW, d)
+  rotated = quant and k_LxBxNxW.rotated
   dtype = q_BxHxD.dtype if quant else k_LxBxNxW.dtype
   verdict = eligibility(BACKEND_PLATFORM[backend], layout, num_heads=h, num_kv_heads=k,
                         head_dim=d, rows=k_LxBxNxW.shape[2], dtype=dtype, block_size=block_size,
@@ -83,20 +85,24 @@ def blocked_decode(q_BxHxD: jax.Array, k_LxBxNxW: jax.Array | QuantizedKV,
     decode = functools.partial(decode_tpu, block_size=block_size,
                                blocks_per_chunk=blocks_per_chunk,
                                interpret=tpu_interpret_params() if interpret is True else interpret)
-  out_BxKxGxD = decode(q_BxHxD.reshape(b, k, h // k, d).astype(dtype),  # one dtype
+  q_in = rotate(q_BxHxD) if rotated else q_BxHxD
+  out_BxKxGxD = decode(q_in.reshape(b, k, h // k, d).astype(dtype),  # one dtype
                        k_LxBxNxW, v_LxBxNxW, jnp.asarray(layer, jnp.int32).reshape(1),
                        num_tokens_BxK.astype(jnp.int32),
                        None if table_BxKxM is None else table_BxKxM.astype(jnp.int32),
                        num_splits=num_splits)
-  return out_BxKxGxD.reshape(b, h, d).astype(q_BxHxD.dtype)
+  out_BxHxD = out_BxKxGxD.reshape(b, h, d)
+  return (rotate(out_BxHxD) if rotated else out_BxHxD).astype(q_BxHxD.dtype)
 
 
 def check_codes(k: QuantizedKV, v: QuantizedKV, head_dim: int) -> None:
   """Quantized K and V share a code format, with whole groups of scales per row."""
   per_row = k.shape[3] // head_dim
   groups = k.scales.shape[3] // per_row
-  if (k.mode != v.mode or k.scales.shape != v.scales.shape or k.scales.shape[:3] !=
-      k.codes.shape[:3] or k.scales.shape[3] % per_row or not groups or head_dim % groups):
+  if ((k.mode, k.rotated, k.scales.shape) != (v.mode, v.rotated, v.scales.shape)
+      or k.scales.shape[:3] != k.codes.shape[:3] or k.scales.shape[3] % per_row or not groups
+      or head_dim % groups):
     raise ValueError(f"quantized K/V must share a code format with scales per row: got "
-                     f"{k.mode} codes {k.codes.shape}, scales {k.scales.shape} and {v.mode} "
-                     f"codes {v.codes.shape}, scales {v.scales.shape}")
+                     f"{k.mode} codes {k.codes.shape}, scales {k.scales.shape}"
+                     f"{' rotated' * k.rotated} and {v.mode} codes {v.codes.shape}, scales "
+                     f"{v.scales.shape}{' rotated' * v.rotated}")

@@ -9,14 +9,20 @@ The code format, described here with plain data (the kernels know no cache metho
   interleaved.
 - scales: `[..., D/g]` floats, one per group of g consecutive values of the head (g = D / the
   scale count); a value is its code times its group's scale.
+- `rotated`: the codes hold a head's values times `hadamard(D)`, an orthonormal symmetric matrix
+  (its own inverse). Attention is the same in that basis, `q.k = (qH).(kH)` and
+  `sum p v = (sum p vH) H`, so a kernel rotates its query once, attends over the codes as they
+  are, and rotates its output back: the rotation costs O(D^2) per query, not per cached token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MODES = ("int8", "fp8", "int4")
 
@@ -29,6 +35,7 @@ class QuantizedKV:
   codes: jax.Array  # [..., D] int8 or float8_e4m3fn; int4: [..., D/2] int8, two codes a byte
   scales: jax.Array  # [..., D/g]
   mode: str = dataclasses.field(metadata={"static": True})  # int8 | fp8 | int4
+  rotated: bool = dataclasses.field(default=False, metadata={"static": True})
 
   @property
   def parts(self) -> int:
@@ -46,7 +53,28 @@ class QuantizedKV:
 
   def map(self, fn) -> QuantizedKV:
     """`fn` applied to codes and scales alike (a view or gather of the values' leading axes)."""
-    return QuantizedKV(fn(self.codes), fn(self.scales), self.mode)
+    return QuantizedKV(fn(self.codes), fn(self.scales), self.mode, self.rotated)
+
+
+@functools.cache
+def _hadamard(d: int) -> np.ndarray:
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < d:
+    h = np.block([[h, h], [h, -h]])
+  return h / np.sqrt(np.float32(d))
+
+
+def hadamard(d: int) -> np.ndarray:
+  """The `[d, d]` orthonormal Walsh-Hadamard matrix (Sylvester's; d a power of two)."""
+  if d < 1 or d & (d - 1):
+    raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {d}")
+  return _hadamard(d)
+
+
+def rotate(x_xD: jax.Array) -> jax.Array:
+  """`x @ hadamard(D)` in float32 at full precision (its own inverse)."""
+  return jnp.matmul(x_xD.astype(jnp.float32), hadamard(x_xD.shape[-1]),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def code_format(x, head_dim: int) -> dict:
@@ -78,12 +106,13 @@ def code_parts(codes, mode: str) -> list[jax.Array]:
 
 
 def dequantize(x: QuantizedKV, dtype) -> jax.Array:
-  """The values, `[..., D]` in `dtype`: codes times their group's scale, in float32."""
+  """The values, `[..., D]` in `dtype`: codes times their group's scale, in float32 (rotated
+  back when the codes are rotated)."""
   codes = jnp.concatenate(code_parts(x.codes, x.mode), axis=-1).astype(jnp.float32)
   scales = x.scales.astype(jnp.float32)
   groups = scales.shape[-1]
-  values = codes.reshape(*codes.shape[:-1], groups, -1) * scales[..., None]
-  return values.reshape(codes.shape).astype(dtype)
+  values = (codes.reshape(*codes.shape[:-1], groups, -1) * scales[..., None]).reshape(codes.shape)
+  return (rotate(values) if x.rotated else values).astype(dtype)
 
 
 def dequantize_tile(codes_SxW, scales, scale_index_1xW, dtype, *, by_dot: bool) -> jax.Array:

@@ -48,6 +48,9 @@ def _check(cfg: ModelConfig) -> None:
   for key, d in stored_head_dims(cfg).items():
     if q.group_size and d % q.group_size:
       raise ConfigError(f"model.kv_quant.group_size: must divide {key}={d}, got {q.group_size}")
+    if q.rotate and d & (d - 1):
+      raise ConfigError(f"model.kv_quant.rotate: the Walsh-Hadamard rotation needs a power-of-two "
+                        f"{key}, got {d}")
   if q.mode in CODE_DTYPES:
     backend = jax.default_backend()
     error = conversion_error(CODE_DTYPES[q.mode], backend)
@@ -59,8 +62,10 @@ def _check(cfg: ModelConfig) -> None:
 METHOD = Method(
     name="kv_quant", section="kv_quant", key="model.kv_quant.mode", role=ENTRIES,
     active=lambda cfg: cfg.kv_quant.mode != "none",
-    tag=lambda cfg: cfg.kv_quant.mode + (f"@g{cfg.kv_quant.group_size}"
-                                         if cfg.kv_quant.group_size else ""),
+    tag=lambda cfg: (cfg.kv_quant.mode
+                     + (f"@g{cfg.kv_quant.group_size}" if cfg.kv_quant.group_size else "")
+                     + ("+rot" if cfg.kv_quant.rotate else "")),
     models=("llama", "block_transformer"), scan=True, check=_check,
     sequence_why=lambda cfg: "a forward pass attends to the unquantized K/V it computes",
-    storage=lambda cfg: QuantStorage(cfg.kv_quant.mode, cfg.kv_quant.group_size, cfg.dtype))
+    storage=lambda cfg: QuantStorage(cfg.kv_quant.mode, cfg.kv_quant.group_size, cfg.dtype,
+                                     cfg.kv_quant.rotate))

@@ -11,6 +11,10 @@ a code step (int8, int4) or half a float8 ulp. Modes:
   value j + D/2 in its high nibble (two contiguous halves, so a kernel multiplies each half
   with its half of the query without interleaving).
 
+With `rotate`, a head's values are quantized after a Walsh-Hadamard rotation
+(`quantized.rotate`): an outlier channel then no longer sets its group's scale (K after RoPE has
+a few large channels in every token), and the rotation is exactly undone where values are read.
+
 Codes and scales are one buffer pytree (`Quantized`) whose leaves share the leading axes, so
 every layout moves, slices and compacts rows of it unchanged. K arrives rotated (after RoPE):
 the layouts store what attention reads.
@@ -43,8 +47,11 @@ def _pack_int4(codes_xD: jax.Array) -> jax.Array:
   return (lo & 0x0F) | (hi << 4)
 
 
-def quantize(x_xD: jax.Array, mode: str, group: int = 0) -> Quantized:
-  """`[..., D]` values -> codes and one scale per `group` values (0: per D)."""
+def quantize(x_xD: jax.Array, mode: str, group: int = 0, rotated: bool = False) -> Quantized:
+  """`[..., D]` values -> codes and one scale per `group` values (0: per D), of the values
+  rotated first if `rotated`."""
+  if rotated:
+    x_xD = quantized.rotate(x_xD)
   d = x_xD.shape[-1]
   g = group or d
   x_xGxg = x_xD.astype(jnp.float32).reshape(*x_xD.shape[:-1], d // g, g)
@@ -61,9 +68,9 @@ def quantize(x_xD: jax.Array, mode: str, group: int = 0) -> Quantized:
   return Quantized(codes, scales_xG)
 
 
-def dequantize(q: Quantized, mode: str, dtype=jnp.float32) -> jax.Array:
+def dequantize(q: Quantized, mode: str, dtype=jnp.float32, rotated: bool = False) -> jax.Array:
   """Codes times their scales, `[..., D]` in `dtype` (the kernels' own reading of the format)."""
-  return quantized.dequantize(quantized.QuantizedKV(q.codes, q.scales, mode), dtype)
+  return quantized.dequantize(quantized.QuantizedKV(q.codes, q.scales, mode, rotated), dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +81,7 @@ class QuantStorage(Storage):
   mode: str  # int8 | fp8 | int4
   group: int = 0  # values per scale; 0: the whole head
   dtype: str = "float32"
+  rotate: bool = False  # codes of the values' Walsh-Hadamard rotation
 
   def zeros(self, shape: tuple[int, ...]) -> Quantized:
     *lead, d = shape
@@ -83,11 +91,11 @@ class QuantStorage(Storage):
                      jnp.zeros((*lead, d // (self.group or d)), SCALE_DTYPE))
 
   def put(self, buf: Quantized, index: tuple, values: jax.Array) -> Quantized:
-    new = quantize(values, self.mode, self.group)
+    new = quantize(values, self.mode, self.group, self.rotate)
     return jax.tree.map(lambda old, x: old.at[index].set(x, mode="drop"), buf, new)
 
   def read(self, buf: Quantized) -> jax.Array:
-    return dequantize(buf, self.mode, self.dtype)
+    return dequantize(buf, self.mode, self.dtype, self.rotate)
 
   def kernel_operand(self, buf: Quantized) -> quantized.QuantizedKV:
-    return quantized.QuantizedKV(buf.codes, buf.scales, self.mode)
+    return quantized.QuantizedKV(buf.codes, buf.scales, self.mode, self.rotate)
