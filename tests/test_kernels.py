@@ -437,13 +437,15 @@ def test_every_config_is_eligible_and_lowers_with_a_quantized_cache(path):
 # The decode loop through the model's attention entry point.
 
 
-@pytest.mark.parametrize("entries", [(), ("model.kv_quant.mode=int4",
-                                            "model.kv_quant.group_size=8")],
-                         ids=["float", "int4-g8"])
+INT4_G8 = ("model.kv_quant.mode=int4", "model.kv_quant.group_size=8")
+
+
+@pytest.mark.parametrize("entries", [(), INT4_G8, (*INT4_G8, "model.kv_quant.rotate=true")],
+                         ids=["float", "int4-g8", "int4-g8-rotated"])
 def test_generate_tokens_identical_with_xla_and_pallas(entries):
   """GQA with cross-layer sharing: consumer layers read their producer's cache too. From a
   quantized cache the kernel reads the codes and scales (two per head) that the jnp path
-  dequantizes."""
+  dequantizes; rotated codes with a rotated query, the jnp path rotating the values back."""
   overrides = ("model.kv_sharing.factor=2", *entries)
   prompts = random_tokens(2, 7, seed=3)
   lengths = np.array([7, 4])
