@@ -22,8 +22,14 @@ Per method:
   same request as decode.py, `--rounds` rounds with the methods in turn (so drift and a shared
   machine hit each alike); the median, and each method's ratio to the bfloat16 cache of its
   selection taken round by round.
+A `+rot` mode (`int4@g8+rot`) quantizes after a Walsh-Hadamard rotation; its row also has the
+perplexity ratio to the same mode unrotated, paired over the same windows.
 `--resume` reuses every result already in benchmarks/results/kv_quant/ for the same command.
-Results: benchmarks/results/kv_quant_<device>.json and .png.
+Results: benchmarks/results/<name>_<device>.json and .png (`--name`, default kv_quant):
+
+  python -m benchmarks.kv_quant --resume --tasks perplexity --selections dense --name \
+      kv_quant_rotation --modes none int4 int4@g32 int4@g16 int4@g8 int4+rot int4@g32+rot \
+      int4@g16+rot int4@g8+rot                                  # rotation at every group size
 """
 
 from __future__ import annotations
@@ -236,17 +242,20 @@ def cli_results(args, name: str, overrides: list[str]) -> dict:
 
 
 def summarize(args, cli: dict, ppl: dict | None, base_ppl: dict | None,
-              speed: dict | None) -> dict:
+              speed: dict | None, unrotated_ppl: dict | None = None) -> dict:
   row = {"overrides": None}
   if ppl:
     row["overrides"] = ppl["overrides"]
     row.update(summarize_losses(ppl))
+    whole = lambda rec: np.add(rec["prefilled_nll"], rec["decoded_nll"])
+    tokens = ppl["prefilled_tokens"] + ppl["decoded_tokens"]
     if base_ppl and base_ppl is not ppl:
-      whole = lambda rec: np.add(rec["prefilled_nll"], rec["decoded_nll"])
-      row["perplexity_ratio"] = paired_ratio(whole(ppl), whole(base_ppl),
-                                             ppl["prefilled_tokens"] + ppl["decoded_tokens"])
+      row["perplexity_ratio"] = paired_ratio(whole(ppl), whole(base_ppl), tokens)
       row["decoded_perplexity_ratio"] = paired_ratio(ppl["decoded_nll"], base_ppl["decoded_nll"],
                                                      ppl["decoded_tokens"])
+    if unrotated_ppl:  # the same codes without the rotation, on the same windows
+      row["perplexity_ratio_to_unrotated"] = paired_ratio(whole(ppl), whole(unrotated_ppl),
+                                                          tokens)
   if cli.get("passkey"):
     table = cli["passkey"]["result"]["result"]["by_length"]
     row["passkey"] = {}
@@ -267,7 +276,7 @@ def summarize(args, cli: dict, ppl: dict | None, base_ppl: dict | None,
   return row
 
 
-def plot(summary: dict) -> None:
+def plot(summary: dict, name: str) -> None:
   import matplotlib  # noqa: PLC0415 (only the plot needs it)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -301,7 +310,7 @@ def plot(summary: dict) -> None:
   axes[2].bar(range(len(with_decode)), [rows[n]["decode_tokens_per_s"] for n in with_decode])
   axes[2].set_xticks(range(len(with_decode)), with_decode, rotation=60, fontsize=7)
   axes[2].set(ylabel="decode tokens/s", title="decode throughput, timed side by side")
-  save_plot(fig, "kv_quant")
+  save_plot(fig, name)
 
 
 def main() -> None:
@@ -325,6 +334,8 @@ def main() -> None:
   p.add_argument("--budget-mib", type=float, default=256.0,
                  help="cache budget for the largest batch of decode.py's request shape")
   p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+  p.add_argument("--name", default="kv_quant",
+                 help="the summary's name: benchmarks/results/<name>_<device>.json and .png")
   p.add_argument("--resume", action="store_true",
                  help="reuse results already in the work folder for the same commands")
   args = p.parse_args()
@@ -345,10 +356,11 @@ def main() -> None:
   for name, overrides in names.items():
     cli = cli_results(args, name, overrides)
     base = ppl.get(f"{name.split('/')[0]}/none")
+    unrotated = ppl.get(name.removesuffix("+rot")) if name.endswith("+rot") else None
     summary["methods"][name] = summarize(args, cli, ppl.get(name), base,
-                                         speed and speed_row(name, speed))
-    write_json("kv_quant", summary)
-  plot(summary)
+                                         speed and speed_row(name, speed), unrotated)
+    write_json(args.name, summary)
+  plot(summary, args.name)
 
 
 if __name__ == "__main__":
