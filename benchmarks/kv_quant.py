@@ -349,16 +349,15 @@ def main() -> None:
   if "speed" in args.tasks:
     speed_path.write_text(json.dumps(speeds(args, names), indent=2))
   speed = json.loads(speed_path.read_text()) if speed_path.exists() else None
-  if speed and not set(names) <= set(speed["rounds"]):
-    speed = None  # timed for other methods; side-by-side ratios need them all in one run
   summary = {"config": CONFIG, "args": vars(args), "methods": {},
              "speed_device": speed and speed["device"]}
   for name, overrides in names.items():
     cli = cli_results(args, name, overrides)
     base = ppl.get(f"{name.split('/')[0]}/none")
     unrotated = ppl.get(name.removesuffix("+rot")) if name.endswith("+rot") else None
+    timed = speed and name in speed["rounds"]  # in the one side-by-side run, or not at all
     summary["methods"][name] = summarize(args, cli, ppl.get(name), base,
-                                         speed and speed_row(name, speed), unrotated)
+                                         timed and speed_row(name, speed), unrotated)
     write_json(args.name, summary)
   plot(summary, args.name)
 
