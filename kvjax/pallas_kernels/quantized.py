@@ -57,18 +57,14 @@ class QuantizedKV:
 
 
 @functools.cache
-def _hadamard(d: int) -> np.ndarray:
-  h = np.ones((1, 1), np.float32)
-  while h.shape[0] < d:
-    h = np.block([[h, h], [h, -h]])
-  return h / np.sqrt(np.float32(d))
-
-
 def hadamard(d: int) -> np.ndarray:
   """The `[d, d]` orthonormal Walsh-Hadamard matrix (Sylvester's; d a power of two)."""
   if d < 1 or d & (d - 1):
     raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {d}")
-  return _hadamard(d)
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < d:
+    h = np.block([[h, h], [h, -h]])
+  return h / np.sqrt(np.float32(d))
 
 
 def rotate(x_xD: jax.Array) -> jax.Array:
