@@ -1,5 +1,5 @@
 """Attention-Gate against eviction baselines where eviction matters: a byte-level base trained on
-Shakespeare mixed with key-value recall documents (`benchmarks.recall_corpus`), gates with LoRA
+Shakespeare mixed with associative recall documents (`benchmarks.recall_corpus`), gates with LoRA
 trained on it at target eviction 25/50/75% (several seeds), an equal-budget control (the same
 LoRA, the same steps, no eviction), every method under both protocols.
 
@@ -8,7 +8,7 @@ LoRA, the same steps, no eviction), every method under both protocols.
 Windows are `PREFIX` bytes of context and a continuation of `WINDOW - PREFIX` bytes, held out:
 - recall: documents whose pairs open the context and are asked again in the continuation
   (fillers from the plays' validation split); recall = the fraction of the asked values' digits
-  predicted (argmax, teacher-forced);
+  predicted (argmax, teacher-forced; chance is 1/9 for a first digit, 1/10 for a second);
 - prose: consecutive windows of the plays' validation split.
 The context goes in through the method's cache, then the continuation is scored teacher-forced
 against what the cache holds (continuation tokens are appended, never evicted):
