@@ -7,8 +7,9 @@ LoRA, the same steps, no eviction), every method under both protocols.
 
 Windows are `PREFIX` bytes of context and a continuation of `WINDOW - PREFIX` bytes, held out:
 - recall: documents whose pairs open the context and are asked again in the continuation
-  (fillers from the plays' validation split); recall = the fraction of the asked values' digits
-  predicted (argmax, teacher-forced; chance is 1/9 for a first digit, 1/10 for a second);
+  (fillers from the plays' validation split); recall = the fraction of the values' digits
+  predicted (argmax, teacher-forced) where a key is asked for the first time, so that only the
+  context holds the value (chance: 1/9 for a first digit, 1/10 for a second);
 - prose: consecutive windows of the plays' validation split.
 The context goes in through the method's cache, then the continuation is scored teacher-forced
 against what the cache holds (continuation tokens are appended, never evicted):
@@ -163,7 +164,9 @@ def evaluate(cfg, params, tokens_WxT: np.ndarray, batch: int) -> dict:
     nbytes += int(cache.nbytes)
     ce_BxC, hit_BxC = _continuation(model, params, cache, x, last_BxV)
     loss += [float(x) for x in np.asarray(ce_BxC).mean(axis=1)]
-    recall += [float(x) for x in np.asarray(hit_BxC)[:, digits].mean(axis=1)]
+    first_BxA = recall_corpus.first_asks(tokens_WxT[i:i + batch])
+    hit_BxA = np.asarray(hit_BxC)[:, digits]
+    recall += [float(h[f].mean()) for h, f in zip(hit_BxA, first_BxA)]
   return {"loss": loss, "recall": recall, "kept": kept, "kv_bytes": nbytes / len(tokens_WxT)}
 
 

@@ -62,6 +62,14 @@ def value_offsets() -> np.ndarray:
   return np.stack([first, first + 1], axis=1).reshape(-1)
 
 
+def first_asks(tokens_WxT: np.ndarray) -> np.ndarray:
+  """`[W, 2 * QUERIES]` over `value_offsets()`: the digits of a key's first query, whose value
+  only the context holds (a repeated key's value also sits in the earlier query)."""
+  keys_WxQ = tokens_WxT[:, PREFIX + np.arange(QUERIES) * _PAIR]
+  asked_before_WxQ = np.tril(keys_WxQ[:, :, None] == keys_WxQ[:, None, :], -1).any(-1)
+  return np.repeat(~asked_before_WxQ, 2, axis=1)
+
+
 def recall_windows(n: int, filler: str, seed: int) -> np.ndarray:
   """`[n, WINDOW]` byte ids of `n` held-out recall documents."""
   rng = np.random.default_rng(seed)
