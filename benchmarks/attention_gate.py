@@ -60,7 +60,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/ag_recall", help="corpus, base, gates and control")
-  p.add_argument("--base-steps", type=int, default=6000)
+  p.add_argument("--base-steps", type=int, default=4000)
   p.add_argument("--gate-steps", type=int, default=300, help="steps for gates and the control")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--lora-rank", type=int, default=8)
