@@ -363,7 +363,8 @@ def plot(claims: dict) -> None:
         ax.axhline(methods[ref][key], ls=style, color="gray", label=ref)
       ax.set(title=f"{protocol}: {key} on held-out recall windows",
              xlabel="achieved eviction" if row else None)
-  axes[0, 0].legend(fontsize=7)
+  for ax in axes[:, 0]:
+    ax.legend(fontsize=7)
   save_plot(fig, "attention_gate")
 
 
