@@ -286,7 +286,8 @@ def claim(done: dict, seeds: list[int], e: float, protocol: str) -> dict:
 
 def timing(trained_runs: dict, seed: int, keep: float) -> list[dict]:
   """Prefill and decode wall-clock and KV bytes at 50% eviction, methods in turn (3 rounds,
-  the fastest kept), on the control's parameters for the baselines."""
+  the fastest kept), on the control's parameters for the baselines; the gate in context also
+  without its recent window, which is what that window costs."""
   gate_cfg, gate_params = trained_runs[f"gate@0.5/{seed}"]
   ctrl_cfg, ctrl_params = trained_runs[f"control/{seed}"]
   setups = {"dense": (ctrl_cfg.model, ctrl_params)}
@@ -295,6 +296,10 @@ def timing(trained_runs: dict, seed: int, keep: float) -> list[dict]:
     for policy in ("streaming_llm", "h2o"):
       setups[f"{policy}/{protocol}"] = (method_cfg(ctrl_cfg.model, policy, protocol, keep),
                                         ctrl_params)
+  gate = setups["gate/in_context"][0]
+  setups["gate/in_context/recent_0"] = (
+      dataclasses.replace(gate, attention_gate=dataclasses.replace(gate.attention_gate,
+                                                                   recent_tokens=0)), gate_params)
   best = {}
   for _ in range(3):
     for name, (cfg, params) in setups.items():
